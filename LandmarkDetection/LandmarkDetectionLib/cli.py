@@ -1,0 +1,188 @@
+"""Command line: ``python -m LandmarkDetectionLib <command>`` (console script ``landmark-detection``).
+
+Every user-caused problem ends in one line ``error: <file>: <problem>`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LandmarkError
+
+
+def _triple(kind):
+    def parse(text):
+        parts = [p for p in text.replace("x", ",").split(",") if p]
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"expected three values like 224,224,101, got {text!r}")
+        return tuple(kind(p) for p in parts)
+    return parse
+
+
+def _add_common(parser, progress=True):
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    if progress:
+        parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                            help="progress bar for people, or JSON lines for the Slicer GUI")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="landmark-detection", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a model on a dataset folder or manifest")
+    p.add_argument("--dataset", required=True, help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV")
+    p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
+    p.add_argument("--schema", default="brain-88", help="built-in schema name or schema JSON file")
+    p.add_argument("--architecture", default="highres3dnet")
+    p.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=(16, 32, 64))
+    p.add_argument("--blocks-per-stage", type=int, default=3)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--size", type=_triple(int), default=(224, 224, 101), help="input grid voxels i,j,k")
+    p.add_argument("--spacing", type=_triple(float), default=(1.0, 1.0, 2.2), help="input grid spacing mm")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loss", choices=("mse", "mixed"), default="mixed")
+    p.add_argument("--alpha", type=float, default=0.4, help="heatmap weight of the Mixed loss")
+    p.add_argument("--sigma-mm", type=float, default=3.0, help="Gaussian heatmap target width")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--patience", type=int, default=20, help="early stopping: epochs without improvement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--augment", default="", help="augmentation policy set: 'default' or a policy JSON file")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output after its last epoch")
+    _add_common(p)
+
+    p = commands.add_parser("detect", help="detect landmarks in a volume or a folder of volumes")
+    p.add_argument("--model", required=True, help="model .safetensors file")
+    p.add_argument("--input", required=True, help="volume file, DICOM folder or folder of volumes")
+    p.add_argument("--output", required=True, help="folder for NAME.mrk.json and NAME.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_common(p)
+
+    p = commands.add_parser("evaluate", help="compare predictions with the truth")
+    p.add_argument("--predictions", required=True, help="folder of predicted landmark files")
+    p.add_argument("--truth", required=True, help="folder of truth landmark files, or a dataset manifest CSV")
+    p.add_argument("--output", required=True, help="CSV report file")
+    p.add_argument("--schema", default=None, help="schema (default: from --model, else brain-88)")
+    p.add_argument("--model", default=None, help="take the schema from this model")
+
+    p = commands.add_parser("schema", help="list, show or validate landmark schemas")
+    p.add_argument("action", choices=("list", "show", "validate"))
+    p.add_argument("name", nargs="?", default="brain-88", help="schema name or JSON file")
+
+    p = commands.add_parser("info", help="print a model file's metadata")
+    p.add_argument("model")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except LandmarkError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # bad option values (e.g. an unavailable --device)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args) -> int:
+    from .train import TrainOptions, train
+
+    fields = TrainOptions.__dataclass_fields__
+    options = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    path = train(options)
+    print(f"best model: {path}")
+    return 0
+
+
+def cmd_detect(args) -> int:
+    from .detect import detect_path, input_volumes, write_detection
+    from .io import check_writable_dir
+    from .modelfile import load_model
+    from .runtime import Progress, pick_device
+
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    volumes = input_volumes(args.input)
+    output = check_writable_dir(args.output)
+    progress = Progress(args.progress)
+    progress.start("detect", len(volumes))
+    failures = 0
+    for step, volume in enumerate(volumes, start=1):
+        try:  # one bad volume of a folder must not stop the others
+            paths = write_detection(model, detect_path(model, volume, device), output, args.overwrite)
+            progress.message(f"{volume.name}: {len(model.schema)} landmarks -> {paths['markups']}")
+        except LandmarkError as error:
+            failures += 1
+            print(f"error: {error}", file=sys.stderr)
+        progress.update(step)
+    progress.close()
+    if failures and len(volumes) > 1:
+        print(f"error: {args.input}: {failures} of {len(volumes)} volume(s) failed", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table, write_report
+    from .modelfile import load_model
+    from .schema import load_schema
+
+    if args.model:
+        schema = load_model(args.model).schema
+        if args.schema:
+            load_model(args.model).check_schema(load_schema(args.schema), args.schema)
+    else:
+        schema = load_schema(args.schema or "brain-88")
+    evaluation = evaluate(args.predictions, args.truth, schema)
+    write_report(evaluation, args.output)
+    print(format_table(evaluation))
+    print(f"report: {args.output}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from .schema import builtin_schemas, load_schema
+
+    if args.action == "list":
+        for name in builtin_schemas():
+            schema = load_schema(name)
+            print(f"{name}: {len(schema)} landmarks in {len(schema.sub_anatomies)} sub-anatomies")
+        return 0
+    schema = load_schema(args.name)
+    if args.action == "validate":
+        print(f"{args.name}: valid, {len(schema)} landmarks in {len(schema.sub_anatomies)} sub-anatomies")
+        return 0
+    for sub in schema.sub_anatomies:
+        print(f"{sub.name} ({sub.plane} plane): {sub.guideline}")
+        for i in schema.indices_of(sub.name):
+            lm = schema.landmarks[i]
+            extra = f" [secondary between {lm.between[0]} and {lm.between[1]}]" if lm.between else ""
+            print(f"  {lm.number:>3} {lm.name}{extra}: {lm.definition}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .modelfile import read_header
+
+    metadata = read_header(args.model)
+    print(json.dumps({k: json.loads(v) if k in ("config", "training", "metrics") else v
+                      for k, v in metadata.items() if k != "schema"}, indent=2))
+    schema = json.loads(metadata["schema"])
+    print(f"schema: {schema['name']} ({len(schema['landmarks'])} landmarks)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "schema": cmd_schema,
+            "info": cmd_info}

@@ -1,0 +1,100 @@
+"""Evaluation of predicted landmarks against the truth: per landmark, per sub-anatomy, per group.
+
+Predictions: a folder of ``NAME.mrk.json`` (or .fcsv/.csv). Truth: a folder of landmark files with
+the same names, or a dataset manifest CSV (its ``group`` column gives per-group rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import discover_cases
+from .errors import LandmarkError
+from .io import LANDMARK_SUFFIXES, atomic_write_text, read_landmarks, stem
+from .metrics import SDR_THRESHOLDS_MM, radial_errors, summarize
+from .schema import Schema
+
+
+@dataclass
+class Evaluation:
+    schema: Schema
+    cases: list[str]
+    groups: list[str]
+    errors: np.ndarray  # (N cases, K landmarks) radial error in mm
+
+    def rows(self) -> list[dict]:
+        """Rows of the report: overall, per sub-anatomy, per group, per landmark."""
+        rows = [{"level": "overall", "name": "all landmarks", **summarize(self.errors)}]
+        for sub in self.schema.sub_anatomies:
+            idx = self.schema.indices_of(sub.name)
+            rows.append({"level": "sub_anatomy", "name": sub.name, **summarize(self.errors[:, idx])})
+        for group in sorted(set(g for g in self.groups if g)):
+            keep = [i for i, g in enumerate(self.groups) if g == group]
+            rows.append({"level": "group", "name": group, **summarize(self.errors[keep])})
+        for k, lm in enumerate(self.schema.landmarks):
+            rows.append({"level": "landmark", "name": lm.name, "sub_anatomy": lm.sub_anatomy,
+                         **summarize(self.errors[:, k])})
+        return rows
+
+
+def _landmark_file(folder: Path, name: str) -> Path | None:
+    return next((folder / f"{name}{s}" for s in LANDMARK_SUFFIXES if (folder / f"{name}{s}").is_file()), None)
+
+
+def evaluate(predictions: str | Path, truth: str | Path, schema: Schema) -> Evaluation:
+    predictions, truth = Path(predictions), Path(truth)
+    if not predictions.is_dir():
+        raise LandmarkError(predictions, "predictions must be a folder of landmark files")
+    if truth.is_file():  # a dataset manifest
+        pairs = [(c.name, c.landmarks, c.group) for c in discover_cases(truth)]
+    elif truth.is_dir():
+        names = sorted({stem(p) for p in truth.iterdir() if p.name.lower().endswith(LANDMARK_SUFFIXES)})
+        pairs = [(n, _landmark_file(truth, n), "") for n in names]
+    else:
+        raise LandmarkError(truth, "truth does not exist")
+    rows, names, groups = [], [], []
+    for name, truth_file, group in pairs:
+        predicted = _landmark_file(predictions, name)
+        if predicted is None:
+            continue
+        rows.append(radial_errors(read_landmarks(predicted, schema), read_landmarks(truth_file, schema)))
+        names.append(name)
+        groups.append(group)
+    if not rows:
+        raise LandmarkError(predictions, f"no prediction matches a truth file in {truth} (names must agree)")
+    return Evaluation(schema, names, groups, np.vstack(rows))
+
+
+REPORT_COLUMNS = ["level", "name", "sub_anatomy", "n", "mre_mm", "sd_mm", "median_mm", "rmse_mm", "max_mm",
+                  *(f"sdr_{t:g}mm" for t in SDR_THRESHOLDS_MM)]
+
+
+def report_csv(evaluation: Evaluation) -> str:
+    out = _io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in evaluation.rows():
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def write_report(evaluation: Evaluation, path: str | Path) -> None:
+    atomic_write_text(path, report_csv(evaluation))
+
+
+def format_table(evaluation: Evaluation) -> str:
+    """The printed summary: overall, sub-anatomies (the paper's Table IV) and groups."""
+    header = f"{'':<28}{'n':>6}{'MRE':>8}{'SD':>8}{'RMSE':>8}" + "".join(f"{f'SDR{t:g}':>8}" for t in SDR_THRESHOLDS_MM)
+    lines = [f"{len(evaluation.cases)} case(s), schema {evaluation.schema.name}; errors in mm, SDR in %", header]
+    for row in evaluation.rows():
+        if row["level"] == "landmark" or row.get("n", 0) == 0:
+            continue
+        label = row["name"] if row["level"] == "overall" else f"  {row['name']}"
+        lines.append(f"{label[:27]:<28}{row['n']:>6}{row['mre_mm']:>8.2f}{row['sd_mm']:>8.2f}{row['rmse_mm']:>8.2f}"
+                     + "".join(f"{row[f'sdr_{t:g}mm']:>8.1f}" for t in SDR_THRESHOLDS_MM))
+    return "\n".join(lines)

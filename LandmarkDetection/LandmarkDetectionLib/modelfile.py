@@ -1,0 +1,117 @@
+"""The model file: one ``.safetensors`` file, weights plus JSON metadata in its header.
+
+The header's ``__metadata__`` holds ``format`` (``LandmarkDetectionLib.model``), ``format_version``
+and JSON strings for ``config`` (architecture and options, input geometry, heatmap sigma), ``schema``
+(the full landmark schema), ``training`` (data summary, intended use) and ``metrics``. Loading reads
+tensors through safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_tensors
+
+from .errors import LandmarkError
+from .io import atomic_write_bytes
+from .models import build_network
+from .preprocess import InputGeometry
+from .schema import Schema, schema_from_dict
+
+FORMAT = "LandmarkDetectionLib.model"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "highres3dnet"
+    network: dict = field(default_factory=dict)  # keyword options of the architecture
+    geometry: InputGeometry = field(default_factory=InputGeometry)
+    sigma_mm: float = 3.0  # width of the Gaussian heatmap target of the Mixed loss
+
+    def to_dict(self) -> dict:
+        return {"architecture": self.architecture, "network": self.network, "geometry": self.geometry.to_dict(),
+                "sigma_mm": self.sigma_mm}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        return cls(data["architecture"], dict(data.get("network", {})), InputGeometry.from_dict(data["geometry"]),
+                   float(data.get("sigma_mm", 3.0)))
+
+
+@dataclass
+class LandmarkModel:
+    """A network with everything needed to use it: configuration, schema and provenance."""
+
+    network: torch.nn.Module
+    config: ModelConfig
+    schema: Schema
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config: ModelConfig, schema: Schema) -> "LandmarkModel":
+        return cls(build_network(config.architecture, len(schema), **config.network), config, schema)
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "config": json.dumps(self.config.to_dict()), "schema": json.dumps(self.schema.to_dict()),
+                "training": json.dumps(self.training), "metrics": json.dumps(self.metrics)}
+
+    def save(self, path: str | Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.network).state_dict().items()}
+        atomic_write_bytes(path, save_tensors(state, metadata=self.metadata()))
+
+    def check_schema(self, other: Schema, source: str | Path) -> None:
+        """Refuse data annotated with another schema than the model's."""
+        if other.names != self.schema.names:
+            raise LandmarkError(source, f"uses landmark schema '{other.name}' ({len(other)} landmarks) but the "
+                                        f"model detects schema '{self.schema.name}' ({len(self.schema)} landmarks)")
+
+
+def _unwrap(network):
+    return network.module if hasattr(network, "module") else network
+
+
+def read_header(path: str | Path) -> dict[str, str]:
+    """The metadata of a model file, checked to be ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise LandmarkError(path, "model file does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LandmarkError(path, f"not a readable model file: truncated or not safetensors ({error})") from None
+    if metadata.get("format") != FORMAT:
+        raise LandmarkError(path, "is a safetensors file but not a LandmarkDetection model (no model metadata)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise LandmarkError(path, f"model format version {metadata.get('format_version')!r} is not supported "
+                                  f"(this version reads {FORMAT_VERSION})")
+    return metadata
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LandmarkModel:
+    path = Path(path)
+    metadata = read_header(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        schema = schema_from_dict(json.loads(metadata["schema"]), source=str(path))
+        training = json.loads(metadata.get("training", "{}"))
+        metrics = json.loads(metadata.get("metrics", "{}"))
+        model = LandmarkModel.create(config, schema)
+    except (KeyError, TypeError, ValueError) as error:
+        raise LandmarkError(path, f"model metadata is damaged ({error})") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        model.network.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise LandmarkError(path, f"weights do not match the model's architecture ({first})") from None
+    model.network.to(device).eval()
+    return LandmarkModel(model.network, config, schema, training, metrics)

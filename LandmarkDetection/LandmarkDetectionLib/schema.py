@@ -1,0 +1,196 @@
+"""Landmark schemas: which landmarks a model detects, their sub-anatomies, roles and guidelines.
+
+A schema is a JSON file (see Resources/Schemas/brain-88.json). Built-in schemas are addressed by name
+(``brain-88``, ``afids-32``); anything else is a path to a user schema, validated on load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LandmarkError
+from .resources import resources_dir
+
+DEFAULT_SCHEMA = "brain-88"
+PLANES = ("mid-sagittal", "sagittal", "axial", "coronal", "oblique")
+ROLES = ("primary", "secondary")
+_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+@dataclass(frozen=True)
+class SubAnatomy:
+    name: str
+    plane: str
+    color: str
+    guideline: str
+    plane_definition: str = ""
+
+    @property
+    def rgb(self) -> tuple[float, float, float]:
+        return tuple(int(self.color[i : i + 2], 16) / 255.0 for i in (1, 3, 5))
+
+
+@dataclass(frozen=True)
+class Landmark:
+    number: int
+    name: str
+    sub_anatomy: str
+    role: str
+    definition: str
+    between: tuple[str, str] | None = None
+    fraction: float | None = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str
+    description: str
+    sub_anatomies: tuple[SubAnatomy, ...]
+    landmarks: tuple[Landmark, ...]
+    source: str = ""
+    _index: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.landmarks)
+
+    @property
+    def names(self) -> list[str]:
+        return [lm.name for lm in self.landmarks]
+
+    def sub_anatomy(self, name: str) -> SubAnatomy:
+        return next(s for s in self.sub_anatomies if s.name == name)
+
+    def indices_of(self, sub_anatomy: str) -> list[int]:
+        return [i for i, lm in enumerate(self.landmarks) if lm.sub_anatomy == sub_anatomy]
+
+    def lookup(self, key: str) -> int | None:
+        """Index of the landmark called ``key`` (name, alias, or number as text), or None."""
+        if not self._index:
+            for i, lm in enumerate(self.landmarks):
+                for k in (lm.name, *lm.aliases):
+                    self._index[k.strip().lower()] = i
+        return self._index.get(str(key).strip().lower())
+
+    def to_dict(self) -> dict:
+        def landmark(lm: Landmark) -> dict:
+            d = {"number": lm.number, "name": lm.name, "sub_anatomy": lm.sub_anatomy, "role": lm.role,
+                 "definition": lm.definition}
+            if lm.between:
+                d["between"], d["fraction"] = list(lm.between), lm.fraction
+            if lm.aliases:
+                d["aliases"] = list(lm.aliases)
+            return d
+
+        return {
+            "format": "landmark-schema", "version": 1, "name": self.name, "description": self.description,
+            "sub_anatomies": [
+                {"name": s.name, "plane": s.plane, "color": s.color, "guideline": s.guideline,
+                 "plane_definition": s.plane_definition} for s in self.sub_anatomies],
+            "landmarks": [landmark(lm) for lm in self.landmarks],
+        }
+
+
+def builtin_schemas() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in (resources_dir() / "Schemas").glob("*.json"))
+
+
+def load_schema(name_or_path: str | Path = DEFAULT_SCHEMA) -> Schema:
+    """A built-in schema by name, or a user schema file by path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not path.suffix and not path.exists():
+        path = resources_dir() / "Schemas" / f"{text}.json"
+        if not path.exists():
+            raise LandmarkError(text, f"no such schema; built-in schemas are {', '.join(builtin_schemas())}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LandmarkError(path, "schema file does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LandmarkError(path, f"not a readable JSON schema ({error})") from None
+    return schema_from_dict(data, source=str(path))
+
+
+def schema_from_dict(data: dict, source: str = "<schema>") -> Schema:
+    """Validate a schema dictionary and build a Schema; every problem names the schema file."""
+
+    def fail(problem):
+        raise LandmarkError(source, problem)
+
+    if not isinstance(data, dict) or not isinstance(data.get("landmarks"), list):
+        fail("not a landmark schema (needs a 'landmarks' list)")
+    if not isinstance(data.get("sub_anatomies"), list) or not data["sub_anatomies"]:
+        fail("needs a non-empty 'sub_anatomies' list")
+    subs = []
+    for s in data["sub_anatomies"]:
+        if not isinstance(s, dict) or not s.get("name"):
+            fail(f"sub-anatomy without a name: {s!r}")
+        if s.get("plane") not in PLANES:
+            fail(f"sub-anatomy '{s['name']}' has plane {s.get('plane')!r}; expected one of {', '.join(PLANES)}")
+        color = s.get("color", "#ffffff")
+        if not _COLOR.match(str(color)):
+            fail(f"sub-anatomy '{s['name']}' has colour {color!r}; expected #rrggbb")
+        subs.append(SubAnatomy(s["name"], s["plane"], color, s.get("guideline", ""), s.get("plane_definition", "")))
+    sub_names = [s.name for s in subs]
+    if len(set(sub_names)) != len(sub_names):
+        fail(f"duplicate sub-anatomy names: {_duplicates(sub_names)}")
+    if not data["landmarks"]:
+        fail("schema has no landmarks")
+
+    landmarks = []
+    for position, raw in enumerate(data["landmarks"], start=1):
+        if not isinstance(raw, dict) or not str(raw.get("name", "")).strip():
+            fail(f"landmark {position} has no name")
+        name = str(raw["name"]).strip()
+        if raw.get("number") != position:
+            fail(f"landmark '{name}' is number {raw.get('number')!r} but stands at position {position}; "
+                 "numbers must run 1, 2, 3, ... in file order")
+        if raw.get("sub_anatomy") not in sub_names:
+            fail(f"landmark '{name}' names unknown sub-anatomy {raw.get('sub_anatomy')!r}")
+        role = raw.get("role", "primary")
+        if role not in ROLES:
+            fail(f"landmark '{name}' has role {role!r}; expected primary or secondary")
+        between = raw.get("between")
+        fraction = raw.get("fraction")
+        if role == "secondary":
+            if not (isinstance(between, list) and len(between) == 2):
+                fail(f"secondary landmark '{name}' must name the two primary points it lies between")
+            fraction = 0.5 if fraction is None else float(fraction)
+            if not 0.0 < fraction < 1.0:
+                fail(f"secondary landmark '{name}' has fraction {fraction}; expected between 0 and 1")
+        landmarks.append(Landmark(position, name, raw["sub_anatomy"], role, raw.get("definition", ""),
+                                  tuple(between) if between else None, fraction,
+                                  tuple(str(a) for a in raw.get("aliases", ()))))
+
+    names = [lm.name for lm in landmarks]
+    if len(set(n.lower() for n in names)) != len(names):
+        fail(f"duplicate landmark names: {_duplicates([n.lower() for n in names])}")
+    by_name = {lm.name: lm for lm in landmarks}
+    for lm in landmarks:
+        if lm.between:
+            for end in lm.between:
+                if end not in by_name:
+                    fail(f"secondary landmark '{lm.name}' lies between unknown landmark '{end}'")
+                if by_name[end].role != "primary" or by_name[end].sub_anatomy != lm.sub_anatomy:
+                    fail(f"secondary landmark '{lm.name}' must lie between primary points of its own sub-anatomy; "
+                         f"'{end}' is not one")
+    keys = {}
+    for lm in landmarks:
+        for key in {lm.name.lower(), *(a.lower() for a in lm.aliases)}:
+            if keys.setdefault(key, lm.name) != lm.name:
+                fail(f"alias '{key}' is used by both '{keys[key]}' and '{lm.name}'")
+    return Schema(str(data.get("name") or Path(source).stem), str(data.get("description", "")),
+                  tuple(subs), tuple(landmarks), source)
+
+
+def _duplicates(items):
+    seen, dup = set(), []
+    for item in items:
+        if item in seen and item not in dup:
+            dup.append(item)
+        seen.add(item)
+    return ", ".join(dup)

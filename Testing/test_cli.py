@@ -1,0 +1,180 @@
+"""The command line end to end, and every kind of bad input: one line, exit 2, nothing written."""
+
+import csv
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LandmarkDetectionLib.cli import main
+from LandmarkDetectionLib.io import read_landmarks, write_landmarks
+from LandmarkDetectionLib.train import TrainOptions, train
+from conftest import TINY_TRAIN, make_volume
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dataset, tmp_path_factory):
+    output = tmp_path_factory.mktemp("model")
+    return train(TrainOptions(dataset=str(tiny_dataset), output=str(output), epochs=2, **TINY_TRAIN))
+
+
+def _snapshot(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_detect_then_evaluate(tiny_model, tiny_dataset, tmp_path, capsys, afids32):
+    before = _snapshot(tiny_dataset)
+    assert main(["detect", "--model", str(tiny_model), "--input", str(tiny_dataset), "--output",
+                 str(tmp_path / "pred"), "--progress", "none", "--device", "cpu"]) == 0
+    assert _snapshot(tiny_dataset) == before  # inputs untouched
+    produced = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    assert produced == sorted([f"case{n:02d}{s}" for n in range(6) for s in (".csv", ".mrk.json")])
+    markups = json.loads((tmp_path / "pred" / "case00.mrk.json").read_text())["markups"][0]["controlPoints"]
+    assert [cp["label"] for cp in markups] == afids32.names and markups[0]["description"] == "Midline"
+    rows = list(csv.DictReader((tmp_path / "pred" / "case00.csv").open()))
+    assert rows[0]["name"] == "AC" and float(rows[0]["x"]) == pytest.approx(
+        read_landmarks(tmp_path / "pred" / "case00.mrk.json", afids32)[0, 0], abs=1e-3)
+
+    capsys.readouterr()
+    report = tmp_path / "report.csv"
+    assert main(["evaluate", "--predictions", str(tmp_path / "pred"), "--truth", str(tiny_dataset),
+                 "--output", str(report), "--model", str(tiny_model)]) == 0
+    printed = capsys.readouterr().out
+    assert "Midline" in printed and "SDR5" in printed
+    rows = list(csv.DictReader(report.open()))
+    levels = [r["level"] for r in rows]
+    assert levels.count("overall") == 1 and levels.count("sub_anatomy") == 5 and levels.count("landmark") == 32
+    overall = rows[0]
+    assert int(overall["n"]) == 6 * 32
+    assert 0 <= float(overall["sdr_1mm"]) <= float(overall["sdr_5mm"]) <= 100
+
+    # Existing outputs are never silently replaced.
+    assert main(["detect", "--model", str(tiny_model), "--input", str(tiny_dataset / "case00.nii.gz"),
+                 "--output", str(tmp_path / "pred"), "--progress", "none"]) == 2
+    assert "already exists; pass --overwrite" in _one_error_line(capsys)
+
+
+def test_evaluate_per_group_rows_from_a_manifest(tiny_dataset, tmp_path, afids32, capsys):
+    truth = read_landmarks(tiny_dataset / "case00.mrk.json", afids32)
+    (tmp_path / "pred").mkdir()
+    rows = ["image,landmarks,group"]
+    for n, group in ((0, "site-a"), (1, "site-b")):
+        write_landmarks(tmp_path / "pred" / f"case{n:02d}.mrk.json", afids32, truth + [n + 1.0, 0, 0])
+        shutil.copy(tiny_dataset / "case00.mrk.json", tmp_path / f"case{n:02d}.mrk.json")
+        rows.append(f"case{n:02d}.nii.gz,case{n:02d}.mrk.json,{group}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows))
+    assert main(["evaluate", "--predictions", str(tmp_path / "pred"), "--truth", str(tmp_path / "manifest.csv"),
+                 "--output", str(tmp_path / "r.csv"), "--schema", "afids-32"]) == 0
+    groups = {r["name"]: float(r["mre_mm"]) for r in csv.DictReader((tmp_path / "r.csv").open()) if r["level"] == "group"}
+    assert groups == {"site-a": pytest.approx(1.0), "site-b": pytest.approx(2.0)}
+
+
+def _bad_image(kind, path):
+    if kind == "2d":
+        image = sitk.GetImageFromArray(np.random.rand(8, 9).astype(np.float32))
+    elif kind == "4d":
+        image = sitk.JoinSeries([make_volume()] * 2)
+    elif kind == "nan":
+        array = np.random.rand(6, 7, 8).astype(np.float32)
+        array[2, 3, 4] = np.nan
+        image = sitk.GetImageFromArray(array)
+    else:
+        image = sitk.GetImageFromArray(np.zeros((6, 7, 8), np.float32))
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.mark.parametrize("kind, message", [("2d", "is 2D"), ("4d", "is 4D"), ("nan", "NaN"), ("empty", "is empty")])
+def test_detect_refuses_bad_volumes(tiny_model, tmp_path, capsys, kind, message):
+    volume = tmp_path / f"{kind}.nii.gz"
+    _bad_image(kind, volume)
+    before = volume.read_bytes()
+    assert main(["detect", "--model", str(tiny_model), "--input", str(volume), "--output", str(tmp_path / "out"),
+                 "--progress", "none"]) == 2
+    line = _one_error_line(capsys)
+    assert str(volume) in line and message in line
+    assert volume.read_bytes() == before
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_bad_volume_in_a_folder_does_not_stop_the_others(tiny_model, tiny_dataset, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(tiny_dataset / "case00.nii.gz", folder / "good.nii.gz")
+    _bad_image("nan", folder / "bad.nii.gz")
+    assert main(["detect", "--model", str(tiny_model), "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.nii.gz: contains NaN" in err and "1 of 2 volume(s) failed" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.csv", "good.mrk.json"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[: len(data) // 2], "truncated"),
+    (lambda data: b"PK\x03\x04 a zip file, not a model", "not a readable model file"),
+])
+def test_detect_refuses_damaged_models(tiny_model, tiny_dataset, tmp_path, capsys, damage, message):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(damage(tiny_model.read_bytes()))
+    assert main(["detect", "--model", str(model), "--input", str(tiny_dataset / "case00.nii.gz"),
+                 "--output", str(tmp_path / "out"), "--progress", "none"]) == 2
+    line = _one_error_line(capsys)
+    assert str(model) in line and message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_folder(tiny_model, tiny_dataset, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["detect", "--model", str(tiny_model), "--input", str(tiny_dataset / "case00.nii.gz"),
+                 "--output", str(blocker / "out"), "--progress", "none"]) == 2
+    assert "output folder is not writable" in _one_error_line(capsys)
+
+
+def test_training_refuses_bad_annotations_before_training(tiny_dataset, tmp_path, capsys, afids32):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    truth = read_landmarks(data / "case03.mrk.json", afids32)
+    (data / "case03.mrk.json").unlink()
+    (data / "case03.csv").write_text("name,x,y,z\n" + "\n".join(
+        f"{n},{x},{y},{z}" for n, (x, y, z) in zip(afids32.names[:-1], truth[:-1])))
+    before = _snapshot(data)
+    args = ["train", "--dataset", str(data), "--output", str(tmp_path / "run"), "--schema", "afids-32",
+            "--epochs", "1", "--progress", "none"]
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert "case03.csv" in line and "missing: LOSF" in line
+    assert _snapshot(data) == before
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_training_refuses_a_dataset_of_another_schema(tiny_dataset, tmp_path, capsys):
+    assert main(["train", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "run"), "--schema", "brain-88",
+                 "--epochs", "1", "--progress", "none"]) == 2
+    assert "not in schema 'brain-88'" in _one_error_line(capsys)
+
+
+def test_device_override_and_missing_cuda(tiny_model, tiny_dataset, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["detect", "--model", str(tiny_model), "--input", str(tiny_dataset / "case00.nii.gz"),
+                 "--output", str(tmp_path / "out"), "--device", "cuda", "--progress", "none"]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys)
+
+
+def test_progress_json_lines(tiny_model, tiny_dataset, tmp_path, capsys):
+    assert main(["detect", "--model", str(tiny_model), "--input", str(tiny_dataset / "case01.nii.gz"),
+                 "--output", str(tmp_path / "out"), "--progress", "json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[0]["stage"] == "detect" and records[0]["total"] == 1
+    assert {"step", "total", "loss", "metric", "eta"} <= set(records[-1]) or "message" in records[-1]
