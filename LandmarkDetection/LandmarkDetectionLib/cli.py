@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("list", "show", "validate"))
     p.add_argument("name", nargs="?", default="brain-88", help="schema name or JSON file")
 
+    p = commands.add_parser("augment", help="write augmented copies of a dataset, or a preview figure")
+    p.add_argument("--input", required=True, help="dataset folder or manifest CSV (only read)")
+    p.add_argument("--output", help="folder for the augmented copies and manifest.csv")
+    p.add_argument("--copies", type=int, default=5, help="augmented copies per case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policies", default="default", help="policy set: 'default' or a JSON file like "
+                                                          "Resources/Augmentation/default.json")
+    p.add_argument("--schema", default="brain-88")
+    p.add_argument("--preview", help="instead of copies, draw each policy's effect on the first case to this PNG")
+    _add_common(p)
+
     p = commands.add_parser("info", help="print a model file's metadata")
     p.add_argument("model")
     return parser
@@ -173,6 +184,28 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def cmd_augment(args) -> int:
+    from .augment import augment_dataset, preview
+    from .data import discover_cases
+    from .io import read_landmarks, read_volume
+    from .runtime import Progress
+    from .schema import load_schema
+
+    schema = load_schema(args.schema)
+    if args.preview:
+        case = discover_cases(args.input)[0]
+        preview(read_volume(case.image), read_landmarks(case.landmarks, schema), args.preview, args.seed,
+                args.policies)
+        print(f"preview: {args.preview}")
+        return 0
+    if not args.output:
+        raise LandmarkError(None, "augment needs --output (or --preview PNG)")
+    manifest = augment_dataset(args.input, args.output, args.copies, args.seed, schema, args.policies,
+                               Progress(args.progress))
+    print(f"manifest: {manifest}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .modelfile import read_header
 
@@ -184,5 +217,5 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "schema": cmd_schema,
+COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "schema": cmd_schema, "augment": cmd_augment,
             "info": cmd_info}

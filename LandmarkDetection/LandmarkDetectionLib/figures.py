@@ -1,0 +1,68 @@
+"""Figures with matplotlib: orthogonal slices in anatomical orientation with landmarks overlaid."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+from .geometry import LPS_TO_RAS  # noqa: E402
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def ras_slab(image: sitk.Image, center_ras, view: str, half_width_mm: float = 90.0, pixel_mm: float = 1.0):
+    """A 2D slice through ``center_ras`` in radiological display (axial/coronal: patient right on the
+    left of the picture, superior up; sagittal: anterior on the left), and its extent in RAS mm."""
+    c = np.asarray(center_ras, dtype=float)
+    n = int(2 * half_width_mm / pixel_mm) + 1
+    # Picture columns go along u, rows along v (top row first); both in RAS.
+    # Radiological convention: the patient's right (RAS x > 0) on the picture's left, so columns run
+    # towards -x (R to L); sagittal columns run from anterior to posterior; rows from superior down.
+    axes = {"axial": ((-1, 0, 0), (0, -1, 0)), "coronal": ((-1, 0, 0), (0, 0, -1)), "sagittal": ((0, -1, 0), (0, 0, -1))}
+    u, v = (np.asarray(a, dtype=float) for a in axes[view])
+    corner = c - half_width_mm * u - half_width_mm * v
+    # Resample onto a one-slice image whose rows and columns run along u and v.
+    reference = sitk.Image([n, n, 1], sitk.sitkFloat32)
+    direction = np.column_stack([LPS_TO_RAS @ u, LPS_TO_RAS @ v, LPS_TO_RAS @ np.cross(u, v)])
+    reference.SetDirection(tuple(direction.ravel()))
+    reference.SetSpacing((pixel_mm, pixel_mm, 1.0))
+    reference.SetOrigin(tuple(LPS_TO_RAS @ corner))
+    background = float(sitk.GetArrayViewFromImage(image).min())
+    plane = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(plane)[0], (c, u, v, half_width_mm)
+
+
+def project(points_ras, frame):
+    """Picture coordinates (column, row in mm from the top-left) and the distance from the slice plane."""
+    c, u, v, half = frame
+    d = np.asarray(points_ras, dtype=float) - c
+    return d @ u + half, d @ v + half, np.abs(d @ np.cross(u, v))
+
+
+def draw_slices(axes_row, image, center_ras, overlays=(), slab_mm=6.0, half_width_mm=90.0, titles=None):
+    """Three orthogonal slices through ``center_ras``; ``overlays`` are (points (K,3), matplotlib style)
+    pairs, drawn where a point lies within ``slab_mm`` of the slice."""
+    for ax, view in zip(axes_row, VIEWS):
+        picture, frame = ras_slab(image, center_ras, view, half_width_mm)
+        low, high = np.percentile(picture, (1, 99.5))
+        ax.imshow(picture, cmap="gray", vmin=low, vmax=high, extent=(0, 2 * half_width_mm, 2 * half_width_mm, 0))
+        for points, style in overlays:
+            x, y, distance = project(points, frame)
+            near = np.isfinite(distance) & (distance <= slab_mm)
+            ax.scatter(x[near], y[near], **style)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles:
+            ax.set_title(titles.get(view, view), fontsize=8)
+
+
+def save(figure, path) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(figure)
