@@ -27,13 +27,19 @@ def test_soft_argmax_is_sub_voxel():
 def test_separable_heatmap_error_equals_the_dense_computation():
     torch.manual_seed(0)
     probs = spatial_softmax(torch.randn(2, 3, 9, 10, 11))
-    target = torch.tensor([[[3.3, 4.1, 2.0], [5.0, 5.0, 5.0], [0.2, 9.0, 8.4]]] * 2)
+    target = torch.tensor([[[3.3, 4.1, 2.0], [5.0, 5.0, 5.0], [0.2, 9.0, 7.6]]] * 2)
     sigma = (1.5, 2.0, 1.2)
     gi, gj, gk = (gaussian_1d(target[..., a], sigma[a], n) for a, n in zip(range(3), (11, 10, 9)))
     dense = torch.einsum("bkw,bkh,bkd->bkdhw", gi, gj, gk)
     expected = ((probs - dense) ** 2).sum(dim=(2, 3, 4)) / (dense ** 2).sum(dim=(2, 3, 4))
     assert torch.allclose(heatmap_squared_error(probs, target, sigma), expected, rtol=1e-5)
     assert torch.allclose(heatmap_squared_error(dense, target, sigma), torch.zeros(2, 3), atol=1e-5)
+    # A target outside the volume counts as the nearest border voxel (no 0/0 when its Gaussian underflows).
+    outside = target.clone()
+    outside[..., 0] = torch.tensor([-40.0, 5.0, 60.0])
+    clamped = outside.clone()
+    clamped[..., 0] = torch.tensor([0.0, 5.0, 10.0])
+    assert torch.allclose(heatmap_squared_error(probs, outside, sigma), heatmap_squared_error(probs, clamped, sigma))
 
 
 def test_mixed_loss_ignores_missing_landmarks():

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import numpy as np
 from pathlib import Path
 
 from .errors import LandmarkError
@@ -20,6 +22,31 @@ def _triple(kind):
             raise argparse.ArgumentTypeError(f"expected three values like 224,224,101, got {text!r}")
         return tuple(kind(p) for p in parts)
     return parse
+
+
+def _ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def _floats(text):
+    return tuple(float(v) for v in text.split(","))
+
+
+def _add_uncertainty(parser, default_passes=0):
+    parser.add_argument("--uncertainty", type=int, nargs="?", const=50, default=default_passes, metavar="N",
+                        help="test-time noise passes for uncertainty ellipsoids (0 = off; N defaults to 50)")
+    parser.add_argument("--shift-mm", type=float, default=5.0, help="locnet: uniform shift of the finest crops")
+    parser.add_argument("--level", type=float, default=0.9, help="confidence level of the ellipsoids")
+    parser.add_argument("--flag-mm", type=float, default=5.0, help="flag landmarks whose ellipsoid exceeds this")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise passes")
+
+
+def _uncertainty_options(args):
+    from .detect import UncertaintyOptions
+
+    if not 0 < args.level < 1:
+        raise ValueError(f"--level {args.level}: expected a probability between 0 and 1")
+    return UncertaintyOptions(args.uncertainty, args.shift_mm, args.level, args.flag_mm, args.seed)
 
 
 def _add_common(parser, progress=True):
@@ -37,10 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV")
     p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
     p.add_argument("--schema", default="brain-88", help="built-in schema name or schema JSON file")
-    p.add_argument("--architecture", default="highres3dnet")
-    p.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=(16, 32, 64))
-    p.add_argument("--blocks-per-stage", type=int, default=3)
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--architecture", choices=("highres3dnet", "locnet"), default="highres3dnet")
+    p.add_argument("--channels", type=_ints, default=None,
+                   help="channels per stage (default highres3dnet 16,32,64; locnet 16,16,12)")
+    p.add_argument("--blocks-per-stage", type=int, default=3, help="highres3dnet residual blocks per stage")
+    p.add_argument("--dropout", type=float, default=0.1, help="highres3dnet dropout (also MC-dropout uncertainty)")
+    p.add_argument("--scales-mm", type=_floats, default=(4.0, 2.0, 1.0), help="locnet stage scales, coarse to fine")
+    p.add_argument("--patch-sizes", type=_ints, default=(24, 16), help="locnet patch voxels per refining stage")
     p.add_argument("--size", type=_triple(int), default=(224, 224, 101), help="input grid voxels i,j,k")
     p.add_argument("--spacing", type=_triple(float), default=(1.0, 1.0, 2.2), help="input grid spacing mm")
     p.add_argument("--epochs", type=int, default=100)
@@ -64,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="volume file, DICOM folder or folder of volumes")
     p.add_argument("--output", required=True, help="folder for NAME.mrk.json and NAME.csv")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_uncertainty(p)
+    _add_common(p)
+
+    p = commands.add_parser("calibrate", help="fit the uncertainty recalibration factor on validation data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True, help="validation cases (folder or manifest) the model did not train on")
+    p.add_argument("--output", required=True, help="the calibrated model file to write (never the input model)")
+    _add_uncertainty(p, default_passes=50)
     _add_common(p)
 
     p = commands.add_parser("evaluate", help="compare predictions with the truth")
@@ -72,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="CSV report file")
     p.add_argument("--schema", default=None, help="schema (default: from --model, else brain-88)")
     p.add_argument("--model", default=None, help="take the schema from this model")
+    p.add_argument("--plot", default=None, help="uncertainty vs error PNG (when predictions have .uncertainty.json)")
 
     p = commands.add_parser("schema", help="list, show or validate landmark schemas")
     p.add_argument("action", choices=("list", "show", "validate"))
@@ -86,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "Resources/Augmentation/default.json")
     p.add_argument("--schema", default="brain-88")
     p.add_argument("--preview", help="instead of copies, draw each policy's effect on the first case to this PNG")
+    _add_common(p)
+
+    p = commands.add_parser("demo", help="the main job: detect the AFIDs of an unseen scan of the sample brain")
+    p.add_argument("--output", default="demo-output", help="folder for the scan, landmarks and summary")
+    p.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
+    p.add_argument("--seed", type=int, default=2026, help="seed of the test scan's head position and artefacts")
+    p.add_argument("--train-model", metavar="WORK", help="instead, train the demo model from scratch in WORK")
+    p.add_argument("--epochs", type=int, default=60, help="with --train-model")
+    p.add_argument("--workers", type=int, default=1, help="with --train-model: DataLoader workers")
     _add_common(p)
 
     p = commands.add_parser("info", help="print a model file's metadata")
@@ -112,6 +160,8 @@ def cmd_train(args) -> int:
     from .train import TrainOptions, train
 
     fields = TrainOptions.__dataclass_fields__
+    if args.channels is None:
+        args.channels = (16, 16, 12) if args.architecture == "locnet" else (16, 32, 64)
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
     path = train(options)
     print(f"best model: {path}")
@@ -133,8 +183,12 @@ def cmd_detect(args) -> int:
     failures = 0
     for step, volume in enumerate(volumes, start=1):
         try:  # one bad volume of a folder must not stop the others
-            paths = write_detection(model, detect_path(model, volume, device), output, args.overwrite)
-            progress.message(f"{volume.name}: {len(model.schema)} landmarks -> {paths['markups']}")
+            options = _uncertainty_options(args)
+            detection = detect_path(model, volume, device, options)
+            paths = write_detection(model, detection, output, args.overwrite, options=options)
+            flagged = "" if detection.uncertainty is None else \
+                f", {int((detection.uncertainty.max_semi_axis() > args.flag_mm).sum())} flagged uncertain"
+            progress.message(f"{volume.name}: {len(model.schema)} landmarks{flagged} -> {paths['markups']}")
         except LandmarkError as error:
             failures += 1
             print(f"error: {error}", file=sys.stderr)
@@ -160,6 +214,51 @@ def cmd_evaluate(args) -> int:
     write_report(evaluation, args.output)
     print(format_table(evaluation))
     print(f"report: {args.output}")
+    if evaluation.calibration:
+        c = evaluation.calibration
+        print(f"uncertainty: {c['coverage'] * 100:.1f}% of truths inside the {c['level'] * 100:.0f}% ellipsoids "
+              f"(n={c['n']}); error vs uncertainty Spearman {c['spearman']:.3f}, Pearson {c['pearson']:.3f}")
+        if args.plot:
+            from .evaluate import plot_uncertainty
+
+            plot_uncertainty(evaluation, args.plot)
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from .data import discover_cases
+    from .detect import detect_path
+    from .io import read_landmarks
+    from .modelfile import load_model
+    from .runtime import Progress, pick_device
+    from .uncertainty import fit_scale
+
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise LandmarkError(args.output, "would overwrite the input model; choose another --output")
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    options = _uncertainty_options(args)
+    if options.passes < 2:
+        raise ValueError("--uncertainty must be at least 2 passes to calibrate")
+    model.config.uncertainty_scale = 1.0
+    cases = discover_cases(args.dataset)
+    distances = []
+    progress = Progress(args.progress)
+    progress.start("calibrate", len(cases))
+    for step, case in enumerate(cases, start=1):
+        detection = detect_path(model, case.image, device, options)
+        distances.append(detection.uncertainty.mahalanobis_squared(read_landmarks(case.landmarks, model.schema)))
+        progress.update(step)
+    progress.close()
+    scale = fit_scale(np.concatenate(distances), options.level)
+    model.config.uncertainty_scale = scale
+    model.metrics["calibration"] = {"scale": scale, "level": options.level, "cases": len(cases),
+                                    "passes": options.passes, "dataset": str(args.dataset)}
+    model.save(args.output)
+    print(f"covariance scale {scale:.3f} fitted on {len(cases)} case(s); calibrated model: {args.output}")
     return 0
 
 
@@ -206,6 +305,23 @@ def cmd_augment(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo, train_demo_model
+
+    if args.train_model:
+        path = train_demo_model(args.train_model, args.epochs, args.workers, args.device, args.progress)
+        print(f"demo model: {path} (copy it to Resources/Models/afids32-demo.safetensors)")
+        return 0
+    summary = run_demo(args.output, args.model, args.device, args.seed)
+    print(f"Detected {summary['n']} AFIDs on an unseen scan of the sample brain in {summary['seconds']} s "
+          f"({summary['device']}).")
+    print(f"Mean radial error {summary['mre_mm']:.2f} +- {summary['sd_mm']:.2f} mm; within 2 mm: "
+          f"{summary['sdr_2mm']:.0f}%, within 4 mm: {summary['sdr_4mm']:.0f}%.")
+    print(summary["note"])
+    print(f"Landmarks: {summary['landmarks']} (open in 3D Slicer with {Path(args.output) / 'test_scan.nii.gz'})")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .modelfile import read_header
 
@@ -217,5 +333,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "schema": cmd_schema, "augment": cmd_augment,
+COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "schema": cmd_schema, "augment": cmd_augment, "demo": cmd_demo,
+            "calibrate": cmd_calibrate,
             "info": cmd_info}

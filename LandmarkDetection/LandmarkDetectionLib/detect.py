@@ -16,10 +16,20 @@ from .preprocess import prepare
 
 
 @dataclass
+class UncertaintyOptions:
+    passes: int = 50
+    shift_mm: float = 5.0  # locnet: uniform shift of the finest crops
+    level: float = 0.9  # confidence level of the ellipsoids
+    flag_mm: float = 5.0  # flag landmarks whose longest semi-axis exceeds this
+    seed: int = 0
+
+
+@dataclass
 class Detection:
     name: str
-    landmarks_ras: np.ndarray  # (K, 3)
+    landmarks_ras: np.ndarray  # (K, 3); with uncertainty, the mean of the passes
     source: Path | None = None
+    uncertainty: object = None  # uncertainty.Uncertainty when requested
 
 
 def predict_indices(model: LandmarkModel, batch: torch.Tensor) -> torch.Tensor:
@@ -40,13 +50,17 @@ def detect_image(model: LandmarkModel, image: sitk.Image, device: torch.device) 
     return grid.to_ras(indices[0].float().cpu().numpy().astype(np.float64))
 
 
-def output_paths(output_dir: Path, name: str) -> dict[str, Path]:
-    return {"markups": output_dir / f"{name}.mrk.json", "csv": output_dir / f"{name}.csv"}
+def output_paths(output_dir: Path, name: str, uncertainty: bool = False) -> dict[str, Path]:
+    paths = {"markups": output_dir / f"{name}.mrk.json", "csv": output_dir / f"{name}.csv"}
+    if uncertainty:
+        paths.update(uncertainty_json=output_dir / f"{name}.uncertainty.json",
+                     uncertainty_csv=output_dir / f"{name}.uncertainty.csv")
+    return paths
 
 
 def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path, overwrite: bool = False,
-                    extra_columns: dict | None = None) -> dict[str, Path]:
-    paths = output_paths(output_dir, detection.name)
+                    extra_columns: dict | None = None, options: UncertaintyOptions | None = None) -> dict[str, Path]:
+    paths = output_paths(output_dir, detection.name, detection.uncertainty is not None)
     if not overwrite:
         for path in paths.values():
             if path.exists():
@@ -55,6 +69,16 @@ def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path
         source = detection.source.resolve()
         if any(p.resolve() == source for p in paths.values()):
             raise LandmarkError(detection.source, "output would overwrite the input")
+    extra_columns = dict(extra_columns or {})
+    if detection.uncertainty is not None:
+        from .uncertainty import write_uncertainty
+
+        options = options or UncertaintyOptions()
+        semi = detection.uncertainty.max_semi_axis()
+        extra_columns.update(max_semi_axis_mm=semi, flagged=(semi > options.flag_mm).astype(int))
+        method = "finest-crop shifts" if model.config.architecture == "locnet" else "Monte Carlo dropout"
+        write_uncertainty(output_dir / detection.name, model, detection.uncertainty, options.flag_mm,
+                          options.passes, method)
     write_markups_json(paths["markups"], model.schema, detection.landmarks_ras, name=f"{detection.name} landmarks")
     atomic_write_text(paths["csv"], landmarks_csv_text(model.schema, detection.landmarks_ras, extra_columns))
     return paths
@@ -77,5 +101,17 @@ def input_volumes(source: str | Path) -> list[Path]:
     return volumes
 
 
-def detect_path(model: LandmarkModel, path: Path, device: torch.device) -> Detection:
-    return Detection(stem(path), detect_image(model, read_volume(path), device), path)
+def detect_volume(model: LandmarkModel, image: sitk.Image, device: torch.device, name: str,
+                  uncertainty: UncertaintyOptions | None = None, source: Path | None = None) -> Detection:
+    if uncertainty is None or uncertainty.passes <= 0:
+        return Detection(name, detect_image(model, image, device), source)
+    from .uncertainty import detect_with_uncertainty
+
+    result = detect_with_uncertainty(model, image, device, uncertainty.passes, uncertainty.shift_mm,
+                                     uncertainty.level, uncertainty.seed)
+    return Detection(name, result.mean, source, result)
+
+
+def detect_path(model: LandmarkModel, path: Path, device: torch.device,
+                uncertainty: UncertaintyOptions | None = None) -> Detection:
+    return detect_volume(model, read_volume(path), device, stem(path), uncertainty, path)

@@ -26,6 +26,8 @@ class Evaluation:
     cases: list[str]
     groups: list[str]
     errors: np.ndarray  # (N cases, K landmarks) radial error in mm
+    uncertainty_mm: np.ndarray | None = None  # (N, K) longest ellipsoid semi-axis, where predictions have one
+    calibration: dict | None = None  # coverage and error-uncertainty correlations
 
     def rows(self) -> list[dict]:
         """Rows of the report: overall, per sub-anatomy, per group, per landmark."""
@@ -57,21 +59,60 @@ def evaluate(predictions: str | Path, truth: str | Path, schema: Schema) -> Eval
         pairs = [(n, _landmark_file(truth, n), "") for n in names]
     else:
         raise LandmarkError(truth, "truth does not exist")
-    rows, names, groups = [], [], []
+    rows, names, groups, semi_axes, inside, level = [], [], [], [], [], None
     for name, truth_file, group in pairs:
         predicted = _landmark_file(predictions, name)
         if predicted is None:
             continue
-        rows.append(radial_errors(read_landmarks(predicted, schema), read_landmarks(truth_file, schema)))
+        truth_ras = read_landmarks(truth_file, schema)
+        rows.append(radial_errors(read_landmarks(predicted, schema), truth_ras))
         names.append(name)
         groups.append(group)
+        uncertainty_file = predictions / f"{name}.uncertainty.json"
+        if uncertainty_file.exists():
+            from scipy.stats import chi2
+
+            from .uncertainty import read_uncertainty
+
+            result, _ = read_uncertainty(uncertainty_file)
+            level = result.level
+            semi_axes.append(result.max_semi_axis())
+            inside.append(result.mahalanobis_squared(truth_ras) <= chi2.ppf(level, 3))
     if not rows:
         raise LandmarkError(predictions, f"no prediction matches a truth file in {truth} (names must agree)")
-    return Evaluation(schema, names, groups, np.vstack(rows))
+    evaluation = Evaluation(schema, names, groups, np.vstack(rows))
+    if semi_axes and len(semi_axes) == len(rows):
+        from scipy.stats import pearsonr, spearmanr
+
+        evaluation.uncertainty_mm = np.vstack(semi_axes)
+        errors, uncertainty = evaluation.errors.ravel(), evaluation.uncertainty_mm.ravel()
+        keep = np.isfinite(errors) & np.isfinite(uncertainty)
+        evaluation.calibration = {
+            "level": level, "n": int(keep.sum()), "coverage": float(np.concatenate(inside)[keep].mean()),
+            "spearman": float(spearmanr(uncertainty[keep], errors[keep]).statistic) if keep.sum() > 2 else float("nan"),
+            "pearson": float(pearsonr(uncertainty[keep], errors[keep]).statistic) if keep.sum() > 2 else float("nan")}
+    return evaluation
+
+
+def plot_uncertainty(evaluation: Evaluation, path) -> None:
+    """Scatter of radial error against the longest ellipsoid semi-axis, one dot per landmark and case."""
+    from . import figures
+
+    figure, ax = figures.plt.subplots(figsize=(5, 4.2))
+    ax.scatter(evaluation.uncertainty_mm.ravel(), evaluation.errors.ravel(), s=12, alpha=0.7)
+    c = evaluation.calibration
+    ax.set_xlabel(f"uncertainty: longest semi-axis of the {c['level'] * 100:.0f}% ellipsoid (mm)")
+    ax.set_ylabel("radial error (mm)")
+    ax.set_title(f"coverage {c['coverage'] * 100:.0f}%, Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f}",
+                 fontsize=9)
+    limit = max(np.nanmax(evaluation.uncertainty_mm), np.nanmax(evaluation.errors)) * 1.05
+    ax.plot([0, limit], [0, limit], color="gray", lw=0.8, ls="--", label="error = semi-axis")
+    ax.legend(fontsize=8)
+    figures.save(figure, path)
 
 
 REPORT_COLUMNS = ["level", "name", "sub_anatomy", "n", "mre_mm", "sd_mm", "median_mm", "rmse_mm", "max_mm",
-                  *(f"sdr_{t:g}mm" for t in SDR_THRESHOLDS_MM)]
+                  *(f"sdr_{t:g}mm" for t in SDR_THRESHOLDS_MM), "value"]
 
 
 def report_csv(evaluation: Evaluation) -> str:
@@ -80,6 +121,14 @@ def report_csv(evaluation: Evaluation) -> str:
     writer.writeheader()
     for row in evaluation.rows():
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    if evaluation.calibration:
+        c = evaluation.calibration
+        writer.writerow({"level": "uncertainty", "name": f"coverage of {c['level']:.0%} ellipsoids", "n": c["n"],
+                         "value": f"{c['coverage']:.4f}"})
+        writer.writerow({"level": "uncertainty", "name": "spearman(uncertainty, error)", "n": c["n"],
+                         "value": f"{c['spearman']:.4f}"})
+        writer.writerow({"level": "uncertainty", "name": "pearson(uncertainty, error)", "n": c["n"],
+                         "value": f"{c['pearson']:.4f}"})
     return out.getvalue()
 
 

@@ -44,9 +44,13 @@ def heatmap_squared_error(probs: torch.Tensor, target_ijk: torch.Tensor, sigma_v
     ``t`` is the normalised Gaussian at the target (a probability volume like ``p``), ``sigma_vox`` its
     width per axis (i, j, k). Expanding the square, sum(p t) and sum(t^2) factorise over the axes, so
     the dense target is never built. Dividing by sum(t^2) makes the loss dimensionless: 0 for a perfect
-    heatmap, about 1 for a heatmap that puts no mass near the target.
+    heatmap, about 1 for a heatmap that puts no mass near the target. A target outside the volume (a
+    patch that missed its landmark) is moved to the nearest border voxel for this term, where the best
+    heatmap then is; the coordinate loss still sees the true distance.
     """
     depth, height, width = probs.shape[2:]
+    upper = torch.tensor([width - 1, height - 1, depth - 1], device=target_ijk.device, dtype=target_ijk.dtype)
+    target_ijk = torch.minimum(torch.clamp(target_ijk, min=0), upper)
     gi = gaussian_1d(target_ijk[..., 0], float(sigma_vox[0]), width)  # (B, K, W)
     gj = gaussian_1d(target_ijk[..., 1], float(sigma_vox[1]), height)
     gk = gaussian_1d(target_ijk[..., 2], float(sigma_vox[2]), depth)

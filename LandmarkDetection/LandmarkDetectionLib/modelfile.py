@@ -32,15 +32,16 @@ class ModelConfig:
     network: dict = field(default_factory=dict)  # keyword options of the architecture
     geometry: InputGeometry = field(default_factory=InputGeometry)
     sigma_mm: float = 3.0  # width of the Gaussian heatmap target of the Mixed loss
+    uncertainty_scale: float = 1.0  # covariance recalibration factor fitted by `calibrate`
 
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, "network": self.network, "geometry": self.geometry.to_dict(),
-                "sigma_mm": self.sigma_mm}
+                "sigma_mm": self.sigma_mm, "uncertainty_scale": self.uncertainty_scale}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return cls(data["architecture"], dict(data.get("network", {})), InputGeometry.from_dict(data["geometry"]),
-                   float(data.get("sigma_mm", 3.0)))
+                   float(data.get("sigma_mm", 3.0)), float(data.get("uncertainty_scale", 1.0)))
 
 
 @dataclass
@@ -55,7 +56,7 @@ class LandmarkModel:
 
     @classmethod
     def create(cls, config: ModelConfig, schema: Schema) -> "LandmarkModel":
-        return cls(build_network(config.architecture, len(schema), **config.network), config, schema)
+        return cls(build_network(config.architecture, len(schema), config.geometry, **config.network), config, schema)
 
     def metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,

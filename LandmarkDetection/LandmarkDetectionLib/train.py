@@ -28,9 +28,8 @@ from safetensors.torch import save as save_tensors
 from .data import LandmarkDataset, discover_cases, split_cases
 from .detect import predict_indices
 from .errors import LandmarkError
-from .heatmaps import soft_argmax, spatial_softmax
 from .io import atomic_write_bytes, atomic_write_text, check_writable_dir, read_landmarks
-from .losses import LOSSES, landmark_loss
+from .losses import LOSSES
 from .metrics import radial_errors, summarize
 from .modelfile import LandmarkModel, ModelConfig
 from .preprocess import InputGeometry
@@ -40,7 +39,8 @@ from .schema import load_schema
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "model.safetensors"
 # Options that must not change between a run and its --resume.
-_FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "size", "spacing", "loss",
+_FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "scales_mm", "patch_sizes",
+                    "size", "spacing", "loss",
                     "alpha", "sigma_mm", "lr", "batch_size", "seed", "val_fraction", "test_fraction", "augment")
 
 
@@ -51,8 +51,10 @@ class TrainOptions:
     schema: str = "brain-88"
     architecture: str = "highres3dnet"
     channels: tuple[int, ...] = (16, 32, 64)
-    blocks_per_stage: int = 3
-    dropout: float = 0.1
+    blocks_per_stage: int = 3  # highres3dnet
+    dropout: float = 0.1  # highres3dnet
+    scales_mm: tuple[float, ...] = (4.0, 2.0, 1.0)  # locnet
+    patch_sizes: tuple[int, ...] = (24, 16)  # locnet
     size: tuple[int, int, int] = (224, 224, 101)
     spacing: tuple[float, float, float] = (1.0, 1.0, 2.2)
     epochs: int = 100
@@ -74,7 +76,12 @@ class TrainOptions:
     extra_metadata: dict = field(default_factory=dict)
 
     def model_config(self) -> ModelConfig:
-        network = {"channels": list(self.channels), "blocks_per_stage": self.blocks_per_stage, "dropout": self.dropout}
+        if self.architecture == "locnet":
+            network = {"channels": list(self.channels), "scales_mm": list(self.scales_mm),
+                       "patch_sizes": list(self.patch_sizes)}
+        else:
+            network = {"channels": list(self.channels), "blocks_per_stage": self.blocks_per_stage,
+                       "dropout": self.dropout}
         return ModelConfig(self.architecture, network, InputGeometry(tuple(self.size), tuple(self.spacing)),
                            self.sigma_mm)
 
@@ -170,10 +177,12 @@ def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Pat
             image, target, mask = image.to(device), target.to(device), mask.to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = network(image)
-            probs = spatial_softmax(logits)
-            loss = landmark_loss(options.loss, probs, soft_argmax(probs), target, mask, spacing,
-                                 config.sigma_mm, options.alpha)
+                prediction = network(image)  # through the DDP wrapper, so gradients are synchronised
+            loss = model.network.loss(prediction, target, mask, spacing, options.loss, options.alpha,
+                                      config.sigma_mm, progress=epoch / max(1, options.epochs - 1))
+            if not torch.isfinite(loss):
+                raise LandmarkError(options.output, f"training diverged: the loss is {float(loss)} at epoch "
+                                                    f"{epoch + 1}, step {step}; try a lower --lr")
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()

@@ -16,6 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..heatmaps import soft_argmax, spatial_softmax
+from ..losses import landmark_loss
 
 
 class ResidualBlock(nn.Module):
@@ -48,15 +49,21 @@ class HighRes3DNet(nn.Module):
                 blocks.append(ResidualBlock(previous, width, dilation))
                 previous = width
         self.blocks = nn.Sequential(*blocks)
-        self.final = nn.Sequential(nn.BatchNorm3d(previous), nn.ReLU(inplace=True), nn.Dropout3d(dropout))
+        self.dropout = dropout
+        self.final = nn.Sequential(nn.BatchNorm3d(previous), nn.ReLU(inplace=True))
         self.head = nn.Conv3d(previous, num_landmarks, 1)
 
     def features(self, x):
+        """Trunk features before dropout and the head."""
         return self.final(self.blocks(self.stem(x)))
 
     def forward(self, x):
         """Heatmap logits (B, K, D, H, W)."""
-        return self.head(self.features(x))
+        return self.head(F.dropout3d(self.features(x), self.dropout, self.training))
+
+    def loss(self, logits, target_ijk, mask, spacing_mm, kind, alpha, sigma_mm, progress=0.0):
+        probs = spatial_softmax(logits)
+        return landmark_loss(kind, probs, soft_argmax(probs), target_ijk, mask, spacing_mm, sigma_mm, alpha)
 
     @torch.no_grad()
     def predict_indices(self, x, chunk: int = 8):
@@ -70,3 +77,25 @@ class HighRes3DNet(nn.Module):
             out.append(soft_argmax(spatial_softmax(logits)))
             del logits
         return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def sample_indices(self, x, passes: int, generator: torch.Generator | None = None, chunk: int = 8):
+        """Monte Carlo dropout: (N, B, K, 3) indices from ``passes`` dropout masks on the trunk features.
+        The trunk runs once; only dropout and the 1x1x1 head (the part that sees the noise) repeat."""
+        if self.dropout <= 0:
+            raise ValueError("this highres3dnet model has no dropout, so Monte Carlo dropout cannot sample it")
+        features = self.features(x)
+        b, c = features.shape[:2]
+        keep = torch.rand((passes, b, c), generator=generator, device="cpu") >= self.dropout
+        masks = (keep.to(features.device, features.dtype) / (1 - self.dropout))
+        samples = []
+        for n in range(passes):
+            # Channel dropout on a 1x1x1 head equals scaling the head's input weights per channel.
+            out = []
+            for start in range(0, self.num_landmarks, chunk):
+                w = self.head.weight[start:start + chunk, :, 0, 0, 0]  # (k, C)
+                logits = torch.einsum("bcdhw,bkc->bkdhw", features, w[None] * masks[n][:, None, :]) \
+                    + self.head.bias[start:start + chunk, None, None, None]
+                out.append(soft_argmax(spatial_softmax(logits)))
+            samples.append(torch.cat(out, dim=1))
+        return torch.stack(samples)

@@ -1,0 +1,166 @@
+"""Multi-scale coarse-to-fine Loc-Net (after Ma, Gupta and Sabuncu): a chain of small U-Net blocks,
+each ending in a centre-of-mass (soft-argmax) layer, linked by differentiable crop-and-resample.
+
+Stage 0 sees the whole input grid resampled to the coarsest scale (default 4 mm) and gives every
+landmark a first estimate. Each later stage crops, for every landmark, a small patch (default 24 and
+16 voxels) at its own scale (2 mm, then 1 mm) centred on the previous estimate with ``grid_sample`` -
+differentiable in the centre, so the chain trains end to end - and refines the estimate. Patch stages
+share one U-Net per stage; a per-landmark 1x1x1 head picks out the landmark the patch is for, so 88
+landmarks never need 88 full-resolution heatmaps.
+
+Coordinates inside are "grid millimetres": input voxel index (i, j, k) times the input spacing.
+Test-time noise injection shifts the centres of the finest crops; only that stage is repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..heatmaps import soft_argmax, spatial_softmax
+from ..losses import landmark_loss
+
+
+def _conv(in_channels, out_channels):
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True))
+
+
+class UNetBlock(nn.Module):
+    """Two-level 3D U-Net: (conv, conv), pool, (conv, conv), upsample, concat, (conv, conv)."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.encode = nn.Sequential(_conv(in_channels, channels), _conv(channels, channels))
+        self.bottom = nn.Sequential(_conv(channels, 2 * channels), _conv(2 * channels, 2 * channels))
+        self.decode = nn.Sequential(_conv(3 * channels, channels), _conv(channels, channels))
+
+    def forward(self, x):
+        skip = self.encode(x)
+        deep = self.bottom(F.max_pool3d(skip, 2))
+        up = F.interpolate(deep, size=skip.shape[2:], mode="trilinear", align_corners=False)
+        return self.decode(torch.cat([skip, up], dim=1))
+
+
+class LocNet(nn.Module):
+    needs_geometry = True
+
+    def __init__(self, num_landmarks: int, input_size, input_spacing, scales_mm=(4.0, 2.0, 1.0),
+                 patch_sizes=(24, 16), channels=(16, 16, 12), jitter: bool = True,
+                 stage_weights_start=(1.0, 0.3, 0.1), stage_weights_end=(0.1, 0.3, 1.0)):
+        super().__init__()
+        if len(scales_mm) != len(patch_sizes) + 1 or len(channels) != len(scales_mm):
+            raise ValueError("locnet needs one scale and channel count per stage and a patch size per patch stage")
+        self.num_landmarks = num_landmarks
+        self.input_size = tuple(int(n) for n in input_size)  # (i, j, k)
+        self.register_buffer("spacing", torch.tensor([float(s) for s in input_spacing]), persistent=False)
+        self.scales_mm, self.patch_sizes, self.jitter = tuple(scales_mm), tuple(patch_sizes), jitter
+        self.weights_start, self.weights_end = tuple(stage_weights_start), tuple(stage_weights_end)
+        extent = torch.tensor([(n - 1) * s for n, s in zip(self.input_size, input_spacing)])
+        # Coarse grid: an even number of voxels per axis (for the U-Net's pooling) spanning the input.
+        self.coarse_size = tuple(int(2 * max(2, round(float(e) / scales_mm[0] / 2)) ) for e in extent)
+        self.coarse = UNetBlock(1, channels[0])
+        self.coarse_head = nn.Conv3d(channels[0], num_landmarks, 1)
+        self.refiners = nn.ModuleList(UNetBlock(1, c) for c in channels[1:])
+        self.head_weight = nn.ParameterList(nn.Parameter(torch.randn(num_landmarks, c) * 0.1) for c in channels[1:])
+        self.head_bias = nn.ParameterList(nn.Parameter(torch.zeros(num_landmarks)) for _ in channels[1:])
+
+    # -- the chain
+    def coarse_stage(self, x):
+        """Stage 0 on the whole volume: (probs (B,K,d,h,w), estimate in grid mm (B,K,3))."""
+        coarse = F.interpolate(x, size=tuple(reversed(self.coarse_size)), mode="trilinear", align_corners=True)
+        probs = spatial_softmax(self.coarse_head(self.coarse(coarse)))
+        index = soft_argmax(probs)  # coarse voxel index (i, j, k), corners aligned with the input's
+        scale = torch.tensor([(n - 1) / (m - 1) for n, m in zip(self.input_size, self.coarse_size)],
+                             device=x.device, dtype=index.dtype)
+        return probs, index * scale * self.spacing.to(index.dtype)
+
+    def crop(self, x, centers_mm, stage: int):
+        """Patches (B, K', P, P, P) of ``x`` centred at ``centers_mm`` (B, K', 3), at the stage's scale."""
+        size, scale = self.patch_sizes[stage - 1], self.scales_mm[stage]
+        offsets = (torch.arange(size, device=x.device, dtype=centers_mm.dtype) - (size - 1) / 2) * scale
+        b, k = centers_mm.shape[:2]
+        # Sample points in grid mm for axes (i, j, k); grid_sample wants (x, y, z) = (i, j, k) normalised.
+        zz, yy, xx = torch.meshgrid(offsets, offsets, offsets, indexing="ij")
+        points = centers_mm[:, :, None, None, None, :] + torch.stack((xx, yy, zz), -1)  # (B,K,P,P,P,3)
+        index = points / self.spacing.to(points.dtype)
+        normalised = 2 * index / (torch.tensor(self.input_size, device=x.device, dtype=index.dtype) - 1) - 1
+        grid = normalised.reshape(b, k * size, size, size, 3).to(x.dtype)
+        patches = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return patches.reshape(b, k, size, size, size)
+
+    def refine(self, x, centers_mm, stage: int, landmarks=None):
+        """One patch stage: (probs (B,K',P,P,P), refined estimate in grid mm (B,K',3)).
+        ``landmarks`` (K',) selects whose head each patch uses (default: all, in order)."""
+        b, k = centers_mm.shape[:2]
+        size, scale = self.patch_sizes[stage - 1], self.scales_mm[stage]
+        patches = self.crop(x, centers_mm, stage).reshape(b * k, 1, size, size, size)
+        features = self.refiners[stage - 1](patches).reshape(b, k, -1, size, size, size)
+        landmarks = torch.arange(k, device=x.device) if landmarks is None else landmarks
+        weight, bias = self.head_weight[stage - 1][landmarks], self.head_bias[stage - 1][landmarks]
+        logits = torch.einsum("bkcdhw,kc->bkdhw", features, weight) + bias[None, :, None, None, None]
+        probs = spatial_softmax(logits)
+        offset = (soft_argmax(probs) - (size - 1) / 2) * scale
+        return probs, centers_mm + offset
+
+    def forward(self, x):
+        """All stages: a list of (probs, estimate mm, crop centre mm or None) from coarse to fine."""
+        probs, estimate = self.coarse_stage(x)
+        stages = [(probs, estimate, None)]
+        for stage in range(1, len(self.scales_mm)):
+            centers = estimate
+            if self.training and self.jitter:  # learn to recover from the previous stage's errors
+                centers = centers + (torch.rand_like(centers) * 2 - 1) * self.scales_mm[stage - 1]
+            probs, estimate = self.refine(x, centers, stage)
+            stages.append((probs, estimate, centers))
+        return stages
+
+    # -- training
+    def stage_weights(self, progress: float):
+        """Per-stage loss weights, moved linearly from coarse-heavy to fine-heavy over training."""
+        p = min(max(progress, 0.0), 1.0)
+        return [a + (b - a) * p for a, b in zip(self.weights_start, self.weights_end)]
+
+    def loss(self, stages, target_ijk, mask, spacing_mm, kind, alpha, sigma_mm, progress=0.0):
+        spacing = self.spacing.to(target_ijk.dtype)
+        target_mm = target_ijk * spacing
+        total = 0.0
+        for n, ((probs, estimate, centers), weight) in enumerate(zip(stages, self.stage_weights(progress))):
+            scale = self.scales_mm[n]
+            if centers is None:  # coarse: positions in coarse voxels
+                unit = spacing * torch.tensor([(a - 1) / (c - 1) for a, c in zip(self.input_size, self.coarse_size)],
+                                              device=spacing.device, dtype=spacing.dtype)
+                pred_vox, target_vox = estimate / unit, target_mm / unit
+            else:  # patch: positions in patch voxels around the crop centre
+                half = (self.patch_sizes[n - 1] - 1) / 2
+                unit = torch.full((3,), scale, device=spacing.device, dtype=spacing.dtype)
+                pred_vox, target_vox = (estimate - centers) / scale + half, (target_mm - centers) / scale + half
+            total = total + weight * landmark_loss(kind, probs, pred_vox, target_vox, mask, unit.tolist(),
+                                                   max(sigma_mm, scale), alpha)
+        return total
+
+    # -- inference
+    @torch.no_grad()
+    def predict_indices(self, x):
+        return self.forward(x)[-1][1] / self.spacing
+
+    @torch.no_grad()
+    def sample_indices(self, x, shifts_mm, chunk: int = 1024):
+        """Test-time noise injection: (N, B, K, 3) indices, pass n shifting the finest crops by
+        ``shifts_mm[n]`` ((N, K, 3) or (N, 3) mm). Earlier stages run once; the finest stage runs on
+        all N x K shifted patches in batches of ``chunk`` patches."""
+        estimate = self.coarse_stage(x)[1]
+        last = len(self.scales_mm) - 1
+        for stage in range(1, last):
+            estimate = self.refine(x, estimate, stage)[1]
+        b, k = estimate.shape[:2]
+        shifts = shifts_mm.to(estimate).reshape(shifts_mm.shape[0], -1, 3).expand(-1, k, 3)
+        n = shifts.shape[0]
+        centers = (estimate[None] + shifts[:, None]).permute(1, 0, 2, 3).reshape(b, n * k, 3)  # (B, N*K, 3)
+        landmarks = torch.arange(k, device=x.device).repeat(n)
+        out = []
+        for start in range(0, n * k, chunk):
+            out.append(self.refine(x, centers[:, start:start + chunk], last, landmarks[start:start + chunk])[1])
+        refined = torch.cat(out, dim=1).reshape(b, n, k, 3).permute(1, 0, 2, 3)
+        return refined / self.spacing

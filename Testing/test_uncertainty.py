@@ -1,0 +1,135 @@
+"""Uncertainty: covariance and ellipsoid maths, batched vs sequential passes, calibration, the CLI."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2
+
+from LandmarkDetectionLib.cli import main
+from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig, load_model
+from LandmarkDetectionLib.preprocess import InputGeometry
+from LandmarkDetectionLib.train import TrainOptions, train
+from LandmarkDetectionLib.uncertainty import ellipsoid, fit_scale, summarize_samples
+from conftest import TINY_TRAIN
+
+SIGMA = np.array([[4.0, 1.2, -0.5], [1.2, 2.0, 0.3], [-0.5, 0.3, 1.0]])
+
+
+def test_covariance_of_a_known_spread_is_recovered():
+    rng = np.random.default_rng(0)
+    samples = rng.multivariate_normal([10, -5, 3], SIGMA, size=(20000, 2))  # (N, K=2, 3)
+    result = summarize_samples(samples)
+    assert np.allclose(result.mean, [[10, -5, 3]] * 2, atol=0.05)
+    assert np.allclose(result.covariance, [SIGMA, SIGMA], atol=0.12)
+    assert np.allclose(summarize_samples(samples, scale=2.5).covariance, 2.5 * result.covariance)
+
+
+def test_ellipsoid_matches_a_monte_carlo_check():
+    semi, axes = ellipsoid(SIGMA, 0.9)
+    assert np.all(np.diff(semi) <= 0)
+    assert np.allclose(axes @ np.diag(semi ** 2 / chi2.ppf(0.9, 3)) @ axes.T, SIGMA)  # the quadric's matrix
+    points = np.random.default_rng(1).multivariate_normal([0, 0, 0], SIGMA, size=200000)
+    # Inside the ellipsoid <=> sum over axes of (coordinate along axis / semi-axis)^2 <= 1.
+    inside = (((points @ axes) / semi) ** 2).sum(-1) <= 1.0
+    assert inside.mean() == pytest.approx(0.9, abs=0.005)
+
+
+def test_fitted_scale_restores_coverage():
+    rng = np.random.default_rng(2)
+    truth_offsets = rng.multivariate_normal([0, 0, 0], 4.0 * SIGMA, size=5000)  # truths 2x wider than claimed
+    d2 = np.einsum("ni,ij,nj->n", truth_offsets, np.linalg.inv(SIGMA), truth_offsets)
+    scale = fit_scale(d2, 0.9)
+    assert scale == pytest.approx(4.0, rel=0.08)
+    assert (d2 / scale <= chi2.ppf(0.9, 3)).mean() == pytest.approx(0.9, abs=0.01)
+
+
+def _locnet(schema):
+    config = ModelConfig("locnet", {"channels": [6, 6, 6], "scales_mm": [8.0, 4.0, 2.0], "patch_sizes": [12, 8]},
+                         InputGeometry((24, 28, 24), (3.0, 3.0, 3.0)))
+    torch.manual_seed(0)
+    return LandmarkModel.create(config, schema)
+
+
+def test_locnet_batched_passes_equal_sequential_passes(afids32):
+    network = _locnet(afids32).network.eval()
+    x = torch.randn(1, 1, 24, 28, 24)
+    shifts = (torch.rand(7, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 5.0
+    batched = network.sample_indices(x, shifts, chunk=40)
+    sequential = torch.cat([network.sample_indices(x, shifts[n:n + 1]) for n in range(7)])
+    assert torch.allclose(batched, sequential, atol=1e-5)
+    assert torch.allclose(network.sample_indices(x, torch.zeros(1, 3))[0], network.predict_indices(x), atol=1e-5)
+    assert batched.std(dim=0).mean() > 0  # the shifts do change the answers
+
+
+def test_highres_mc_dropout_equals_explicit_channel_dropout(afids32):
+    from LandmarkDetectionLib.heatmaps import soft_argmax, spatial_softmax
+
+    config = ModelConfig("highres3dnet", {"channels": [4, 4, 8], "blocks_per_stage": 1, "dropout": 0.3},
+                         InputGeometry((12, 10, 8), (4.0, 4.0, 5.0)))
+    torch.manual_seed(0)
+    network = LandmarkModel.create(config, afids32).network.eval()
+    x = torch.randn(1, 1, 8, 10, 12)
+    samples = network.sample_indices(x, 4, torch.Generator().manual_seed(3), chunk=5)
+    keep = torch.rand((4, 1, 8), generator=torch.Generator().manual_seed(3)) >= 0.3
+    features = network.features(x)
+    for n in range(4):
+        dropped = features * keep[n][:, :, None, None, None] / 0.7
+        expected = soft_argmax(spatial_softmax(network.head(dropped)))
+        assert torch.allclose(samples[n], expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_locnet(tiny_dataset, tmp_path_factory):
+    options = {**TINY_TRAIN, "architecture": "locnet", "channels": (4, 4, 4), "scales_mm": (16.0, 8.0, 4.0),
+               "patch_sizes": (8, 8), "size": (24, 28, 24), "spacing": (8.0, 8.0, 8.0)}
+    return train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path_factory.mktemp("locnet")), epochs=2,
+                              **options))
+
+
+def test_detect_with_uncertainty_writes_ellipsoids_and_evaluate_scores_them(tiny_locnet, tiny_dataset, tmp_path,
+                                                                            capsys, afids32):
+    out = tmp_path / "pred"
+    assert main(["detect", "--model", str(tiny_locnet), "--input", str(tiny_dataset), "--output", str(out),
+                 "--uncertainty", "12", "--flag-mm", "8", "--progress", "none"]) == 0
+    document = json.loads((out / "case00.uncertainty.json").read_text())
+    assert document["level"] == 0.9 and document["passes"] == 12 and len(document["landmarks"]) == 32
+    first = document["landmarks"][0]
+    cov = np.array(first["covariance_ras"])
+    assert np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) >= -1e-9)
+    semi, _ = ellipsoid(cov, 0.9)
+    assert np.allclose(semi, first["semi_axes_mm"])
+    rows = list(csv.DictReader((out / "case00.uncertainty.csv").open()))
+    flags = [int(r["flagged"]) for r in rows]
+    assert flags == sorted(flags, reverse=True)  # flagged rows first
+    assert all((float(r["semi_axis_1_mm"]) > 8) == bool(int(r["flagged"])) for r in rows)
+
+    capsys.readouterr()
+    plot = tmp_path / "uncertainty.png"
+    assert main(["evaluate", "--predictions", str(out), "--truth", str(tiny_dataset), "--output",
+                 str(tmp_path / "r.csv"), "--model", str(tiny_locnet), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    assert "inside the 90% ellipsoids" in printed and plot.stat().st_size > 10_000
+    calibration = [r for r in csv.DictReader((tmp_path / "r.csv").open()) if r["level"] == "uncertainty"]
+    assert 0.0 <= float(calibration[0]["value"]) <= 1.0
+
+
+def test_calibrate_writes_a_new_model_whose_ellipsoids_are_scaled(tiny_locnet, tiny_dataset, tmp_path):
+    calibrated = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", "--model", str(tiny_locnet), "--dataset", str(tiny_dataset), "--output",
+                 str(calibrated), "--uncertainty", "8", "--progress", "none"]) == 0
+    model = load_model(calibrated)
+    scale = model.config.uncertainty_scale
+    assert scale > 0 and model.metrics["calibration"]["cases"] == 6
+    assert load_model(tiny_locnet).config.uncertainty_scale == 1.0  # the input model is untouched
+    from LandmarkDetectionLib.io import read_volume
+    from LandmarkDetectionLib.uncertainty import detect_with_uncertainty
+
+    image = read_volume(tiny_dataset / "case00.nii.gz")
+    plain = detect_with_uncertainty(load_model(tiny_locnet), image, "cpu", passes=8, seed=0)
+    scaled = detect_with_uncertainty(model, image, "cpu", passes=8, seed=0)
+    assert np.allclose(scaled.covariance, scale * plain.covariance)
+    assert main(["calibrate", "--model", str(tiny_locnet), "--dataset", str(tiny_dataset), "--output",
+                 str(tiny_locnet), "--progress", "none"]) == 2
