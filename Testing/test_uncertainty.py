@@ -57,7 +57,8 @@ def test_locnet_batched_passes_equal_sequential_passes(afids32):
     network = _locnet(afids32).network.eval()
     x = torch.randn(1, 1, 24, 28, 24)
     shifts = (torch.rand(7, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 5.0
-    batched = network.sample_indices(x, shifts, chunk=40)
+    network.inference_chunk = 40  # several batches of patches
+    batched = network.sample_indices(x, shifts)
     sequential = torch.cat([network.sample_indices(x, shifts[n:n + 1]) for n in range(7)])
     assert torch.allclose(batched, sequential, atol=1e-5)
     assert torch.allclose(network.sample_indices(x, torch.zeros(1, 3))[0], network.predict_indices(x), atol=1e-5)

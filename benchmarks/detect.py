@@ -11,14 +11,9 @@ and the JSON names it. On a GPU use --train-size 224,224,101.
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "LandmarkDetection"))
+from _common import peak_rss_mb, run_child
 
 
 def measure(kind: str, size, device: str, threads: int) -> dict:
@@ -38,7 +33,7 @@ def measure(kind: str, size, device: str, threads: int) -> dict:
     model = LandmarkModel.create(config, load_schema("brain-88"))
     network = model.network.to(device)
     x = torch.randn(1, 1, *reversed(size), device=device)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = peak_rss_mb()
     if kind == "detect":
         network.eval()
         start = time.perf_counter()
@@ -60,18 +55,13 @@ def measure(kind: str, size, device: str, threads: int) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None
     return {"seconds": seconds, "peak_mb": peak, "baseline_mb": baseline, "gpu_peak_mb": gpu_peak}
 
 
-def run_child(kind, size, device, threads) -> dict:
-    command = [sys.executable, __file__, "--child", kind, "--size", ",".join(map(str, size)), "--device", device,
-               "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"error": (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def child(kind, size, device, threads) -> dict:
+    return run_child(__file__, kind, "--size", ",".join(map(str, size)), "--device", device, "--threads", str(threads))
 
 
 def main():
@@ -80,16 +70,17 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", default="224,224,101")
     parser.add_argument("--train-size", default="112,112,51")
-    parser.add_argument("--child", choices=("detect", "train"))
+    parser.add_argument("--child", action="store_true", help="internal: run one measurement")
+    parser.add_argument("kind", nargs="?", choices=("detect", "train"))
     args = parser.parse_args()
     size = [int(v) for v in args.size.split(",")]
     if args.child:
-        print(json.dumps(measure(args.child, size, args.device, args.threads)))
+        print(json.dumps(measure(args.kind, size, args.device, args.threads)))
         return
     train_size = [int(v) for v in args.train_size.split(",")]
-    detect = run_child("detect", size, args.device, args.threads)
+    detect = child("detect", size, args.device, args.threads)
     print(f"detect {size} on {args.device}: {detect}", flush=True)
-    train = run_child("train", train_size, args.device, args.threads)
+    train = child("train", train_size, args.device, args.threads)
     print(f"train step {train_size} on {args.device}: {train}", flush=True)
     print(json.dumps({"device": args.device, "threads": args.threads, "landmarks": 88, "detect_size": size,
                       "detect_s": detect.get("seconds"), "peak_mb": detect.get("peak_mb"),

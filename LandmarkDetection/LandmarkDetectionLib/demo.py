@@ -116,9 +116,9 @@ def build_training_set(folder: Path, copies: int = 24, seed: int = 0, spacing_mm
     return folder
 
 
-DEMO_TRAINING = dict(schema="afids-32", architecture="highres3dnet", channels=(12, 16, 24), blocks_per_stage=2,
-                     dropout=0.1, size=(48, 56, 48), spacing=(4.0, 4.0, 4.0), lr=2e-3, loss="mixed", alpha=0.4,
-                     sigma_mm=6.0, val_fraction=0.125, patience=30, seed=0, augment="default")
+DEMO_TRAINING = dict(schema="afids-32", architecture="locnet", channels=(12, 12, 8), scales_mm=(6.0, 3.0, 1.5),
+                     patch_sizes=(16, 12), size=(96, 112, 96), spacing=(2.0, 2.0, 2.0), lr=3e-3, loss="mixed",
+                     alpha=0.4, sigma_mm=3.0, val_fraction=0.125, patience=30, seed=0, augment="default")
 
 
 def train_demo_model(work: str | Path, epochs: int = 60, workers: int = 1, device: str = "auto",

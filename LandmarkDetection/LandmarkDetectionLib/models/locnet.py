@@ -45,9 +45,10 @@ class UNetBlock(nn.Module):
 
 class LocNet(nn.Module):
     needs_geometry = True
+    inference_chunk = 128  # patches per batch at inference
 
     def __init__(self, num_landmarks: int, input_size, input_spacing, scales_mm=(4.0, 2.0, 1.0),
-                 patch_sizes=(24, 16), channels=(16, 16, 12), jitter: bool = True,
+                 patch_sizes=(24, 16), channels=(16, 16, 8), jitter: bool = True,
                  stage_weights_start=(1.0, 0.3, 0.1), stage_weights_end=(0.1, 0.3, 1.0)):
         super().__init__()
         if len(scales_mm) != len(patch_sizes) + 1 or len(channels) != len(scales_mm):
@@ -93,11 +94,16 @@ class LocNet(nn.Module):
     def refine(self, x, centers_mm, stage: int, landmarks=None):
         """One patch stage: (probs (B,K',P,P,P), refined estimate in grid mm (B,K',3)).
         ``landmarks`` (K',) selects whose head each patch uses (default: all, in order)."""
-        b, k = centers_mm.shape[:2]
+        k = centers_mm.shape[1]
+        landmarks = torch.arange(k, device=x.device) if landmarks is None else landmarks
+        if not torch.is_grad_enabled() and k > self.inference_chunk:  # bound memory at inference
+            parts = [self.refine(x, centers_mm[:, s:s + self.inference_chunk], stage,
+                                 landmarks[s:s + self.inference_chunk]) for s in range(0, k, self.inference_chunk)]
+            return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+        b = centers_mm.shape[0]
         size, scale = self.patch_sizes[stage - 1], self.scales_mm[stage]
         patches = self.crop(x, centers_mm, stage).reshape(b * k, 1, size, size, size)
         features = self.refiners[stage - 1](patches).reshape(b, k, -1, size, size, size)
-        landmarks = torch.arange(k, device=x.device) if landmarks is None else landmarks
         weight, bias = self.head_weight[stage - 1][landmarks], self.head_bias[stage - 1][landmarks]
         logits = torch.einsum("bkcdhw,kc->bkdhw", features, weight) + bias[None, :, None, None, None]
         probs = spatial_softmax(logits)
@@ -146,10 +152,10 @@ class LocNet(nn.Module):
         return self.forward(x)[-1][1] / self.spacing
 
     @torch.no_grad()
-    def sample_indices(self, x, shifts_mm, chunk: int = 1024):
+    def sample_indices(self, x, shifts_mm):
         """Test-time noise injection: (N, B, K, 3) indices, pass n shifting the finest crops by
         ``shifts_mm[n]`` ((N, K, 3) or (N, 3) mm). Earlier stages run once; the finest stage runs on
-        all N x K shifted patches in batches of ``chunk`` patches."""
+        all N x K shifted patches, batched ``inference_chunk`` patches at a time."""
         estimate = self.coarse_stage(x)[1]
         last = len(self.scales_mm) - 1
         for stage in range(1, last):
@@ -159,8 +165,5 @@ class LocNet(nn.Module):
         n = shifts.shape[0]
         centers = (estimate[None] + shifts[:, None]).permute(1, 0, 2, 3).reshape(b, n * k, 3)  # (B, N*K, 3)
         landmarks = torch.arange(k, device=x.device).repeat(n)
-        out = []
-        for start in range(0, n * k, chunk):
-            out.append(self.refine(x, centers[:, start:start + chunk], last, landmarks[start:start + chunk])[1])
-        refined = torch.cat(out, dim=1).reshape(b, n, k, 3).permute(1, 0, 2, 3)
+        refined = self.refine(x, centers, last, landmarks)[1].reshape(b, n, k, 3).permute(1, 0, 2, 3)
         return refined / self.spacing
