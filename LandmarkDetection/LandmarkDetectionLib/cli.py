@@ -136,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="with --train-model: DataLoader workers")
     _add_common(p)
 
+    p = commands.add_parser("gradcam", help="3D Grad-CAM volumes per landmark, focus metrics, model comparison")
+    p.add_argument("--model", help="model file")
+    p.add_argument("--compare", nargs=2, metavar=("MODEL_A", "MODEL_B"), help="compare two models' focus")
+    p.add_argument("--input", required=True, help="one volume")
+    p.add_argument("--output", required=True, help="folder for the CAM volumes and focus CSV")
+    p.add_argument("--landmarks", default="all", help="comma-separated names, a sub-anatomy name, or 'all'")
+    p.add_argument("--layer", default=None, help="layer to explain (default: the architecture's)")
+    p.add_argument("--target", choices=("argmax", "coordinate"), default="argmax")
+    p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz")
+    p.add_argument("--single-file", action="store_true", help="one multi-component volume instead of one per landmark")
+    p.add_argument("--normalize", action="store_true", help="scale each CAM to a maximum of 1")
+    p.add_argument("--radius-mm", type=float, default=10.0, help="radius of the focus metric")
+    p.add_argument("--chunk", type=int, default=4, help="landmarks per backward pass")
+    _add_common(p)
+
     p = commands.add_parser("info", help="print a model file's metadata")
     p.add_argument("model")
     return parser
@@ -322,6 +337,72 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _landmark_selection(schema, text: str) -> list[int]:
+    if text == "all":
+        return list(range(len(schema)))
+    if any(s.name == text for s in schema.sub_anatomies):
+        return schema.indices_of(text)
+    chosen = []
+    for name in text.split(","):
+        index = schema.lookup(name)
+        if index is None:
+            raise LandmarkError(None, f"--landmarks: '{name}' is neither a landmark nor a sub-anatomy of schema "
+                                      f"'{schema.name}'")
+        chosen.append(index)
+    return chosen
+
+
+def cmd_gradcam(args) -> int:
+    from .gradcam import compute_gradcam, focus_metrics, write_cams
+    from .io import atomic_write_text, check_writable_dir, read_volume, stem
+    from .modelfile import load_model
+    from .runtime import pick_device
+
+    device = pick_device(args.device)
+    models = args.compare or ([args.model] if args.model else [])
+    if not models:
+        raise LandmarkError(None, "gradcam needs --model or --compare MODEL_A MODEL_B")
+    image = read_volume(args.input)
+    output = check_writable_dir(args.output)
+    name = stem(args.input)
+    tables = []
+    for index, path in enumerate(models):
+        model = load_model(path, device)
+        if index and model.schema.names != tables[0][0].schema.names:
+            model.check_schema(tables[0][0].schema, path)
+        landmarks = _landmark_selection(model.schema, args.landmarks)
+        result = compute_gradcam(model, image, landmarks, args.layer, args.target, device, args.chunk)
+        prefix = name if len(models) == 1 else f"{name}_model{'AB'[index]}"
+        paths = write_cams(result, model, image, output, prefix, args.format, args.single_file, args.normalize)
+        tables.append((model, focus_metrics(result, args.radius_mm)))
+        print(f"{path}: {len(landmarks)} Grad-CAM volume(s) at layer {result.layer} -> {paths[0].parent}")
+    schema = tables[0][0].schema
+    header = ["landmark", "sub_anatomy"]
+    for label in ("A", "B")[: len(tables)]:
+        header += [f"mass_within_{args.radius_mm:g}mm_{label}", f"com_distance_mm_{label}", f"max_overlap_{label}",
+                   f"max_overlap_with_{label}"]
+    lines = [",".join(header)]
+    for n, row in enumerate(tables[0][1]):
+        lm = schema.landmarks[row["landmark"]]
+        cells = [lm.name, lm.sub_anatomy]
+        for _, rows in tables:
+            r = rows[n]
+            other = schema.landmarks[r["max_overlap_with"]].name if r["max_overlap_with"] is not None else ""
+            cells += [f"{r['mass_within_r']:.4f}", f"{r['com_distance_mm']:.2f}", f"{r['max_overlap']:.4f}", other]
+        lines.append(",".join(cells))
+    csv_path = output / f"{name}_gradcam_focus.csv"
+    atomic_write_text(csv_path, "\n".join(lines) + "\n")
+    print(f"{'':<28}" + "".join(f"{'mass<r ' + l:>12}{'COM mm ' + l:>12}" for l in ("A", "B")[: len(tables)]))
+    for n, row in enumerate(tables[0][1]):
+        cells = "".join(f"{rows[n]['mass_within_r']:>12.3f}{rows[n]['com_distance_mm']:>12.1f}" for _, rows in tables)
+        print(f"{schema.landmarks[row['landmark']].name[:27]:<28}{cells}")
+    means = "".join(f"{np.mean([r['mass_within_r'] for r in rows]):>12.3f}"
+                    f"{np.nanmean([r['com_distance_mm'] for r in rows]):>12.1f}" for _, rows in tables)
+    print(f"{'mean':<28}{means}")
+    print(f"focus table: {csv_path}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .modelfile import read_header
 
@@ -334,5 +415,5 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "schema": cmd_schema, "augment": cmd_augment, "demo": cmd_demo,
-            "calibrate": cmd_calibrate,
+            "calibrate": cmd_calibrate, "gradcam": cmd_gradcam,
             "info": cmd_info}
