@@ -35,8 +35,8 @@ TARGETS = ("argmax", "coordinate")
 
 @dataclass
 class CamResult:
-    cams: np.ndarray  # (L, D, H, W) on the model grid, float32
-    grid: Grid  # the model's input grid
+    cams: np.ndarray  # (L, d, h, w) float32, on the explained layer's own grid
+    grid: Grid  # that grid: the model's input grid, or a coarser one sharing its corners
     landmarks: list[int]  # schema indices
     predicted_ras: np.ndarray  # (K, 3) the model's prediction on this volume
     layer: str
@@ -107,14 +107,21 @@ def compute_gradcam(model: LandmarkModel, image: sitk.Image, landmarks: list[int
                 alpha = grads.mean(dim=(2, 3, 4))
                 weighted = torch.einsum("mc,cdhw->mdhw", alpha, activation[0].detach())
                 combined = combined + (F.relu(weighted) if target == "argmax" else weighted.abs())
-            cams.append(F.interpolate(combined[:, None], size=x.shape[2:], mode="trilinear",
-                                      align_corners=True)[:, 0].cpu())
+            cams.append(combined.detach().cpu())
     finally:
         for hook in hooks:
             hook.remove()
         for p, r in zip(network.parameters(), requires):
             p.requires_grad_(r)
-    return CamResult(torch.cat(cams).numpy().astype(np.float32), grid, landmarks, predicted, layer, target)
+    layer_grid = _layer_grid(grid, tuple(reversed(activation.shape[2:])))
+    return CamResult(torch.cat(cams).numpy().astype(np.float32), layer_grid, landmarks, predicted, layer, target)
+
+
+def _layer_grid(grid: Grid, size) -> Grid:
+    """The grid of a layer of ``size`` voxels (i, j, k) whose corner voxels sit on the input grid's corners
+    (as trilinear resizing with aligned corners makes them)."""
+    spacing = tuple(s * (n - 1) / max(m - 1, 1) for s, n, m in zip(grid.spacing, grid.size, size))
+    return Grid(tuple(int(m) for m in size), spacing, grid.origin, grid.direction)
 
 
 # ------------------------------------------------------------------------------------------ focus metrics
