@@ -1,0 +1,214 @@
+"""MRML adapters: volume nodes <-> SimpleITK images with geometry, landmark markups, uncertainty
+ellipsoid models, result tables, Grad-CAM volume nodes, and their subject-hierarchy folder.
+
+The only backend module that imports ``slicer``, and only its MRML API (as provided by Slicer itself or
+by the ``slicer-core`` wheel): no Qt, no ``slicer.app``, so it is tested outside the application.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from .geometry import LPS_TO_RAS
+from .schema import Schema
+
+FOLDER_ATTRIBUTE = "LandmarkDetection.Results"
+
+
+# ------------------------------------------------------------------------------------------------- volumes
+def _matrix(vtk_matrix) -> np.ndarray:
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_to_image(volume_node) -> sitk.Image:
+    """The node's voxels as a float32 SimpleITK image with its world geometry (a linear parent transform
+    included), so backend results land where the node is shown."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    matrix = _matrix(ijk_to_ras)
+    parent = volume_node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise ValueError(f"{volume_node.GetName()}: harden its non-linear transform before detection")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        matrix = _matrix(to_world) @ matrix
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(slicer.util.arrayFromVolume(volume_node).astype(np.float32))
+    image.SetSpacing(tuple(spacing))
+    image.SetDirection(tuple((LPS_TO_RAS @ (matrix[:3, :3] / spacing)).ravel()))
+    image.SetOrigin(tuple(LPS_TO_RAS @ matrix[:3, 3]))
+    return image
+
+
+def image_to_volume(scene, image: sitk.Image, name: str):
+    """A new scalar volume node holding ``image`` with its geometry."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    spacing = np.asarray(image.GetSpacing())
+    direction_ras = LPS_TO_RAS @ np.asarray(image.GetDirection()).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction_ras * spacing
+    matrix[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin())
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# ------------------------------------------------------------------------------------- subject hierarchy
+def results_folder(scene, volume_node, name: str) -> int:
+    """A subject-hierarchy folder for results, under the volume's study (or wherever the volume is)."""
+    hierarchy = scene.GetSubjectHierarchyNode()
+    volume_item = hierarchy.GetItemByDataNode(volume_node)
+    parent = hierarchy.GetItemParent(volume_item) if volume_item else hierarchy.GetSceneItemID()
+    folder = hierarchy.CreateFolderItem(parent, name)
+    hierarchy.SetItemAttribute(folder, FOLDER_ATTRIBUTE, "1")
+    return folder
+
+
+def _place(scene, node, folder: int) -> None:
+    hierarchy = scene.GetSubjectHierarchyNode()
+    item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+    hierarchy.SetItemParent(item, folder)
+
+
+# ------------------------------------------------------------------------------------------------ markups
+def add_landmarks(scene, schema: Schema, coords_ras: np.ndarray, folder: int | None = None, prefix: str = "",
+                  locked: bool = True) -> list:
+    """One markups point-list node per sub-anatomy, coloured by it; labels are landmark names, descriptions
+    the sub-anatomy; locked against accidental moves (unlock to correct)."""
+    nodes = []
+    for sub in schema.sub_anatomies:
+        indices = schema.indices_of(sub.name)
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{prefix}{sub.name}")
+        node.CreateDefaultDisplayNodes()
+        for i in indices:
+            point = np.asarray(coords_ras[i], dtype=float)
+            n = node.AddControlPoint(*(point if np.isfinite(point).all() else (0.0, 0.0, 0.0)), schema.landmarks[i].name)
+            node.SetNthControlPointDescription(n, sub.name)
+            if not np.isfinite(point).all():
+                node.SetNthControlPointPositionMissing(n)
+        node.SetLocked(locked)
+        node.SetDescription(sub.guideline)
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(sub.rgb)
+        display.SetColor(sub.rgb)
+        if folder is not None:
+            _place(scene, node, folder)
+        nodes.append(node)
+    return nodes
+
+
+def landmarks_from_markups(nodes, schema: Schema) -> np.ndarray:
+    """(K, 3) RAS in schema order from markups nodes, matched by label; missing points are NaN."""
+    coords = np.full((len(schema), 3), np.nan)
+    for node in nodes:
+        for n in range(node.GetNumberOfControlPoints()):
+            index = schema.lookup(node.GetNthControlPointLabel(n))
+            if index is not None and node.GetNthControlPointPositionStatus(n) == node.PositionDefined:
+                node.GetNthControlPointPositionWorld(n, coords[index])
+    return coords
+
+
+# --------------------------------------------------------------------------------------------- ellipsoids
+def ellipsoid_polydata(center, semi_axes, axes, resolution: int = 24):
+    """A triangulated ellipsoid: the unit sphere scaled by the semi-axes along the axis directions
+    (columns of ``axes``), centred at ``center`` (RAS)."""
+    sphere = vtk.vtkSphereSource()
+    sphere.SetRadius(1.0)
+    sphere.SetThetaResolution(resolution)
+    sphere.SetPhiResolution(resolution)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(axes, float) @ np.diag(np.maximum(np.asarray(semi_axes, float), 1e-3))
+    matrix[:3, 3] = center
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(slicer.util.vtkMatrixFromArray(matrix))
+    shaped = vtk.vtkTransformPolyDataFilter()
+    shaped.SetInputConnection(sphere.GetOutputPort())
+    shaped.SetTransform(transform)
+    shaped.Update()
+    return shaped.GetOutput()
+
+
+def uncertainty_color(max_semi_axis_mm: float, flag_mm: float):
+    """Green (certain) through yellow to red (at or beyond the flag threshold)."""
+    t = float(np.clip(max_semi_axis_mm / max(flag_mm, 1e-6), 0.0, 1.0))
+    return (min(1.0, 2 * t), min(1.0, 2 * (1 - t)), 0.0)
+
+
+def add_ellipsoids(scene, schema: Schema, uncertainty, flag_mm: float, folder: int | None = None,
+                   prefix: str = "") -> list:
+    """One model node per landmark: its confidence ellipsoid, coloured by uncertainty."""
+    nodes = []
+    for i, (semi, axes) in enumerate(uncertainty.ellipsoids()):
+        node = scene.AddNewNodeByClass("vtkMRMLModelNode", f"{prefix}{schema.landmarks[i].name} ellipsoid")
+        node.SetAndObservePolyData(ellipsoid_polydata(uncertainty.mean[i], semi, axes))
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetColor(uncertainty_color(semi[0], flag_mm))
+        display.SetOpacity(0.5)
+        display.SetVisibility2D(True)
+        node.SetAttribute("LandmarkDetection.MaxSemiAxisMm", f"{semi[0]:.3f}")
+        if folder is not None:
+            _place(scene, node, folder)
+        nodes.append(node)
+    return nodes
+
+
+def set_visibility(nodes, visible: bool) -> None:
+    for node in nodes:
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(visible)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+TABLE_COLUMNS = ("Landmark", "Sub-anatomy", "R", "A", "S", "Max semi-axis (mm)", "Flagged")
+
+
+def add_results_table(scene, schema: Schema, coords_ras: np.ndarray, uncertainty=None, flag_mm: float = 5.0,
+                      folder: int | None = None, name: str = "Landmarks"):
+    """A table node with one row per landmark (coordinates, uncertainty), flagged rows first."""
+    semi = uncertainty.max_semi_axis() if uncertainty is not None else np.full(len(schema), np.nan)
+    flagged = semi > flag_mm
+    order = sorted(range(len(schema)), key=lambda i: (not flagged[i], -np.nan_to_num(semi[i]), i))
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    columns = []
+    for title in TABLE_COLUMNS:
+        column = vtk.vtkStringArray() if title in ("Landmark", "Sub-anatomy") else (
+            vtk.vtkIntArray() if title == "Flagged" else vtk.vtkDoubleArray())
+        column.SetName(title)
+        columns.append(column)
+        table.AddColumn(column)
+    for i in order:
+        lm = schema.landmarks[i]
+        values = (lm.name, lm.sub_anatomy, *coords_ras[i], semi[i], int(flagged[i]))
+        for column, value in zip(columns, values):
+            column.InsertNextValue(value)
+    table.Modified()
+    if folder is not None:
+        _place(scene, table, folder)
+    return table
+
+
+def table_row_landmark(table, row: int) -> str:
+    return table.GetCellText(row, 0)
+
+
+# ---------------------------------------------------------------------------------------------- Grad-CAM
+def add_gradcam_volume(scene, cam: sitk.Image, name: str, folder: int | None = None, colormap_id: str | None = None):
+    """A scalar volume node for a Grad-CAM map (the input's geometry), window set to its range."""
+    node = image_to_volume(scene, cam, name)
+    display = node.GetDisplayNode()
+    if display is not None:
+        if colormap_id and scene.GetNodeByID(colormap_id) is not None:
+            display.SetAndObserveColorNodeID(colormap_id)
+        values = sitk.GetArrayViewFromImage(cam)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(float(values.min()), float(max(values.max(), values.min() + 1e-6)))
+    if folder is not None:
+        _place(scene, node, folder)
+    return node

@@ -1,0 +1,110 @@
+"""The MRML layer against the real MRML classes of the slicer-core wheel."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LandmarkDetectionLib.geometry import Grid
+from LandmarkDetectionLib.uncertainty import summarize_samples
+from conftest import make_volume
+
+slicer = pytest.importorskip("slicer")
+mrml = pytest.importorskip("LandmarkDetectionLib.mrml")
+
+
+def test_volume_node_round_trip_keeps_voxels_and_geometry(mrml_scene):
+    image = make_volume()
+    node = mrml.image_to_volume(mrml_scene, image, "oblique")
+    back = mrml.volume_to_image(node)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert np.allclose(Grid.of(back).index_to_ras, Grid.of(image).index_to_ras, atol=1e-9)
+
+
+def test_volume_under_a_linear_transform_is_read_in_world_coordinates(mrml_scene):
+    image = make_volume()
+    node = mrml.image_to_volume(mrml_scene, image, "moved")
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, 3] = [10.0, -5.0, 2.5]
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    world = mrml.volume_to_image(node)
+    assert np.allclose(Grid.of(world).to_ras([0, 0, 0]), Grid.of(image).to_ras([0, 0, 0]) + [10.0, -5.0, 2.5])
+
+
+def test_markups_per_sub_anatomy_and_storage_round_trip(mrml_scene, brain88, tmp_path):
+    coords = np.random.default_rng(0).uniform(-80, 80, (88, 3))
+    coords[7] = np.nan  # a landmark the model could not place stays missing
+    nodes = mrml.add_landmarks(mrml_scene, brain88, coords, prefix="case ")
+    assert [n.GetName() for n in nodes] == [f"case {s.name}" for s in brain88.sub_anatomies]
+    frontal = nodes[0]
+    assert frontal.GetNumberOfControlPoints() == 5 and frontal.GetLocked()
+    assert frontal.GetNthControlPointLabel(0) == "FL_frontal_pole"
+    assert frontal.GetNthControlPointDescription(0) == "Frontal Lobe"
+    assert np.allclose(frontal.GetDisplayNode().GetSelectedColor(), brain88.sub_anatomies[0].rgb)
+    back = mrml.landmarks_from_markups(nodes, brain88)
+    assert np.isnan(back[7]).all()
+    assert np.allclose(np.delete(back, 7, 0), np.delete(coords, 7, 0))
+    # Through Slicer's own storage node and back: identical.
+    storage = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
+    storage.SetFileName(str(tmp_path / "stem.mrk.json"))
+    assert storage.WriteData(nodes[1])
+    reread = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    storage.ReadData(reread)
+    assert np.allclose(mrml.landmarks_from_markups([reread], brain88)[brain88.indices_of("Brain Stem")],
+                       coords[brain88.indices_of("Brain Stem")], atol=1e-9, equal_nan=True)
+
+
+def test_ellipsoid_model_vertices_satisfy_the_quadric(mrml_scene, afids32):
+    rng = np.random.default_rng(1)
+    truth_cov = np.array([[9.0, 2.0, 0.5], [2.0, 4.0, -1.0], [0.5, -1.0, 2.0]])
+    samples = rng.multivariate_normal([5.0, -10.0, 20.0], truth_cov, size=(400, 32))
+    uncertainty = summarize_samples(samples, level=0.9)
+    models = mrml.add_ellipsoids(mrml_scene, afids32, uncertainty, flag_mm=5.0)
+    assert len(models) == 32
+    semi, axes = uncertainty.ellipsoids()[0]
+    points = slicer.util.arrayFromModelPoints(models[0])
+    # x^T Q x = 1 with Q = axes diag(1/semi^2) axes^T, for every vertex.
+    q = axes @ np.diag(1.0 / semi ** 2) @ axes.T
+    d = points - uncertainty.mean[0]
+    assert np.allclose(np.einsum("ni,ij,nj->n", d, q, d), 1.0, atol=1e-5)
+    assert float(models[0].GetAttribute("LandmarkDetection.MaxSemiAxisMm")) == pytest.approx(semi[0], abs=1e-3)
+    assert models[0].GetDisplayNode().GetColor()[0] == pytest.approx(1.0)  # beyond the flag: red
+    mrml.set_visibility(models, False)
+    assert not models[5].GetDisplayNode().GetVisibility()
+
+
+def test_results_table_lists_flagged_landmarks_first(mrml_scene, afids32):
+    rng = np.random.default_rng(2)
+    spread = np.full(32, 0.2)
+    spread[[3, 17]] = 4.0  # two uncertain landmarks
+    samples = rng.normal(size=(200, 32, 3)) * spread[None, :, None]
+    uncertainty = summarize_samples(samples)
+    table = mrml.add_results_table(mrml_scene, afids32, uncertainty.mean, uncertainty, flag_mm=2.0)
+    assert table.GetNumberOfColumns() == len(mrml.TABLE_COLUMNS) and table.GetNumberOfRows() == 32
+    first = {mrml.table_row_landmark(table, 0), mrml.table_row_landmark(table, 1)}
+    assert first == {afids32.names[3], afids32.names[17]}
+    assert table.GetCellText(0, 6) == "1" and table.GetCellText(2, 6) == "0"
+    row = [mrml.table_row_landmark(table, r) for r in range(32)].index("AC")
+    assert float(table.GetCellText(row, 2)) == pytest.approx(uncertainty.mean[0, 0], abs=1e-6)
+
+
+def test_results_go_into_a_folder_under_the_volume_study(mrml_scene, afids32):
+    hierarchy = mrml_scene.GetSubjectHierarchyNode()
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient")
+    study = hierarchy.CreateStudyItem(patient, "Study")
+    volume = mrml.image_to_volume(mrml_scene, make_volume(), "scan")
+    hierarchy.CreateItem(study, volume)  # what Slicer's subject-hierarchy logic does when a volume is loaded
+    folder = mrml.results_folder(mrml_scene, volume, "scan landmarks")
+    assert hierarchy.GetItemParent(folder) == study
+    nodes = mrml.add_landmarks(mrml_scene, afids32, np.zeros((32, 3)), folder)
+    table = mrml.add_results_table(mrml_scene, afids32, np.zeros((32, 3)), folder=folder)
+    for node in (*nodes, table):
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == folder
+
+
+def test_gradcam_volume_node_has_the_input_geometry(mrml_scene):
+    image = make_volume()
+    node = mrml.add_gradcam_volume(mrml_scene, image, "AC Grad-CAM")
+    assert np.allclose(Grid.of(mrml.volume_to_image(node)).index_to_ras, Grid.of(image).index_to_ras)
+    assert node.GetDisplayNode().GetWindowLevelMax() == pytest.approx(float(sitk.GetArrayViewFromImage(image).max()))
