@@ -2,7 +2,7 @@
 ellipsoid models, result tables, Grad-CAM volume nodes, and their subject-hierarchy folder.
 
 The only backend module that imports ``slicer``, and only its MRML API (as provided by Slicer itself or
-by the ``slicer-core`` wheel): no Qt, no ``slicer.app``, so it is tested outside the application.
+by the ``slicer-core`` wheel): no Qt and nothing of the Slicer application, so it is tested outside it.
 """
 
 from __future__ import annotations

@@ -15,14 +15,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import SimpleITK as sitk
-import torch
 from scipy.stats import chi2
 
 from .io import atomic_write_text
-from .modelfile import LandmarkModel
-from .preprocess import prepare
+
+if TYPE_CHECKING:  # reading results (in Slicer, before torch is needed) must not import torch
+    import torch
+
+    from .modelfile import LandmarkModel
 
 
 @dataclass
@@ -60,12 +64,18 @@ def summarize_samples(samples_ras: np.ndarray, level: float = 0.9, scale: float 
     return Uncertainty(mean, covariance * scale, level, samples)
 
 
-def random_shifts(passes: int, shift_mm: float, generator: torch.Generator) -> torch.Tensor:
+def random_shifts(passes: int, shift_mm: float, generator: "torch.Generator") -> "torch.Tensor":
+    import torch
+
     return (torch.rand((passes, 3), generator=generator, dtype=torch.float64) * 2 - 1) * shift_mm
 
 
-def detect_with_uncertainty(model: LandmarkModel, image: sitk.Image, device, passes: int = 50,
+def detect_with_uncertainty(model: "LandmarkModel", image: sitk.Image, device, passes: int = 50,
                             shift_mm: float = 5.0, level: float = 0.9, seed: int = 0) -> Uncertainty:
+    import torch
+
+    from .preprocess import prepare
+
     array, grid = prepare(image, model.config.geometry)
     network = model.network.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -79,7 +89,7 @@ def detect_with_uncertainty(model: LandmarkModel, image: sitk.Image, device, pas
     return summarize_samples(samples, level, model.config.uncertainty_scale)
 
 
-def uncertainty_records(model: LandmarkModel, result: Uncertainty, flag_mm: float) -> list[dict]:
+def uncertainty_records(model: "LandmarkModel", result: Uncertainty, flag_mm: float) -> list[dict]:
     records = []
     for k, (lm, (semi, axes)) in enumerate(zip(model.schema.landmarks, result.ellipsoids())):
         records.append({"name": lm.name, "sub_anatomy": lm.sub_anatomy, "mean_ras": result.mean[k].tolist(),
@@ -88,7 +98,7 @@ def uncertainty_records(model: LandmarkModel, result: Uncertainty, flag_mm: floa
     return records
 
 
-def write_uncertainty(path_stem: Path, model: LandmarkModel, result: Uncertainty, flag_mm: float,
+def write_uncertainty(path_stem: Path, model: "LandmarkModel", result: Uncertainty, flag_mm: float,
                       passes: int, method: str) -> dict[str, Path]:
     """NAME.uncertainty.json (everything) and NAME.uncertainty.csv (one row per landmark, flagged first)."""
     records = uncertainty_records(model, result, flag_mm)

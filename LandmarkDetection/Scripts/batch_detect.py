@@ -1,0 +1,79 @@
+"""Headless batch detection over a folder of volumes.
+
+    Slicer --no-main-window --python-script LandmarkDetection/Scripts/batch_detect.py \\
+        --input DIR --output DIR [--model M] [--uncertainty N]
+    PythonSlicer LandmarkDetection/Scripts/batch_detect.py --input DIR --output DIR   (or any Python)
+
+One line per volume, a summary, and exit code 0 only when every volume succeeded; a failing volume does
+not stop the others. Detection is the backend's, exactly as the GUI's process runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# In a source checkout or a plain Python, make the backend importable from beside this script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def run(argv=None) -> int:
+    from LandmarkDetectionLib.demo import demo_model_path
+    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_path, input_volumes, write_detection
+    from LandmarkDetectionLib.errors import LandmarkError
+    from LandmarkDetectionLib.io import check_writable_dir
+    from LandmarkDetectionLib.modelfile import load_model
+    from LandmarkDetectionLib.runtime import pick_device
+
+    parser = argparse.ArgumentParser(prog="batch_detect.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="folder of volumes (or one volume)")
+    parser.add_argument("--output", required=True, help="folder for NAME.mrk.json, NAME.csv and uncertainty files")
+    parser.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
+    parser.add_argument("--uncertainty", type=int, default=0, help="noise passes for uncertainty ellipsoids (0 = off)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        model = load_model(args.model or demo_model_path(), device)
+        volumes = input_volumes(args.input)
+        output = check_writable_dir(args.output)
+    except (LandmarkError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    options = UncertaintyOptions(passes=args.uncertainty)
+    failed = 0
+    started = time.monotonic()
+    for volume in volumes:
+        t0 = time.monotonic()
+        try:
+            detection = detect_path(model, volume, device, options)
+            write_detection(model, detection, output, args.overwrite, options=options)
+            flagged = "" if detection.uncertainty is None else \
+                f", {int((detection.uncertainty.max_semi_axis() > options.flag_mm).sum())} flagged"
+            print(f"ok     {volume.name}: {len(model.schema)} landmarks{flagged} ({time.monotonic() - t0:.1f} s)", flush=True)
+        except LandmarkError as error:
+            failed += 1
+            print(f"FAILED {volume.name}: {error}", flush=True)
+    print(f"{len(volumes) - failed} of {len(volumes)} volume(s) succeeded in {time.monotonic() - started:.1f} s; "
+          f"results in {output}")
+    return 0 if failed == 0 else 1
+
+
+def main() -> None:
+    code = run(sys.argv[1:])
+    try:  # inside Slicer, leave through the application so it exits with this code
+        import slicer
+
+        if hasattr(slicer, "app") and slicer.app is not None:
+            slicer.util.exit(code)
+            return
+    except ImportError:
+        pass
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Static checks of the Slicer modules (they need the Slicer application to run) and the headless batch
+script run as a plain Python program."""
+
+import ast
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import REPO
+
+MODULES = [path.parent for path in REPO.glob("*/CMakeLists.txt") if (path.parent / f"{path.parent.name}.py").exists()]
+
+
+def _ui(module_dir):
+    return ET.parse(module_dir / "Resources" / "UI" / f"{module_dir.name}.ui").getroot()
+
+
+def _parameter_fields(tree) -> set[str]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+                getattr(d, "id", getattr(d, "attr", "")) == "parameterNodeWrapper" for d in node.decorator_list):
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    return set()
+
+
+def test_there_are_modules():
+    assert {m.name for m in MODULES} >= {"LandmarkDetection"}
+
+
+@pytest.mark.parametrize("module_dir", MODULES, ids=lambda m: m.name)
+def test_widget_names_and_parameter_names_match_the_ui(module_dir):
+    root = _ui(module_dir)
+    widgets = {w.get("name") for w in root.iter("widget")}
+    source = (module_dir / f"{module_dir.name}.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used, "the module uses no widgets?"
+    assert used <= widgets, f"used in code but not in the .ui: {sorted(used - widgets)}"
+    bound = {p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"}
+    fields = _parameter_fields(ast.parse(source))
+    assert bound and bound <= fields, f"SlicerParameterName without a parameter: {sorted(bound - fields)}"
+
+
+@pytest.mark.parametrize("module_dir", MODULES, ids=lambda m: m.name)
+def test_every_python_file_and_resource_is_listed_in_cmake(module_dir):
+    cmake = (module_dir / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module_dir.name)
+    for path in module_dir.rglob("*"):
+        if "__pycache__" in path.parts or path.is_dir() or path.name == "CMakeLists.txt":
+            continue
+        if path.suffix in (".py", ".ui", ".png"):
+            assert str(path.relative_to(module_dir)) in cmake, f"{path} is not listed in {module_dir}/CMakeLists.txt"
+
+
+def test_extension_cmake_names_every_module_and_depends_on_pytorch():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake
+    for module_dir in MODULES:
+        assert f"add_subdirectory({module_dir.name})" in cmake
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert f"set({key} " in cmake
+
+
+def test_backend_never_imports_qt_or_the_slicer_application():
+    for path in (REPO / "LandmarkDetection" / "LandmarkDetectionLib").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import qt|import ctk|from qt )", text, re.M), path
+        assert "slicer.app" not in text, path
+
+
+def test_batch_script_one_line_per_volume_and_exit_code(tiny_dataset, tmp_path):
+    import shutil
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from LandmarkDetectionLib.train import TrainOptions, train
+    from conftest import TINY_TRAIN
+
+    model = train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "run"), epochs=1, **TINY_TRAIN))
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("case00", "case01"):
+        shutil.copy(tiny_dataset / f"{name}.nii.gz", folder / f"{name}.nii.gz")
+    script = REPO / "LandmarkDetection" / "Scripts" / "batch_detect.py"
+    ok = subprocess.run([sys.executable, str(script), "--input", str(folder), "--output", str(tmp_path / "out"),
+                         "--model", str(model), "--uncertainty", "4"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["ok", "ok"] and "2 of 2 volume(s) succeeded" in lines[-1]
+    assert (tmp_path / "out" / "case01.uncertainty.json").exists()
+
+    array = np.zeros((8, 9, 10), np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / "empty.nii.gz"))
+    bad = subprocess.run([sys.executable, str(script), "--input", str(folder), "--output", str(tmp_path / "out2"),
+                          "--model", str(model)], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "FAILED empty.nii.gz" in bad.stdout and "2 of 3 volume(s) succeeded" in bad.stdout
+    assert (tmp_path / "out2" / "case00.mrk.json").exists() and (tmp_path / "out2" / "case01.mrk.json").exists()
