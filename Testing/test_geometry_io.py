@@ -155,3 +155,14 @@ def test_unreadable_volume(tmp_path):
     path.write_bytes(b"not an image")
     with pytest.raises(LandmarkError, match="not a readable image"):
         read_volume(path)
+
+
+def test_outputs_get_normal_permissions(tmp_path, afids32):
+    import os
+    import stat
+
+    path = tmp_path / "p.mrk.json"
+    write_markups_json(path, afids32, np.zeros((32, 3)))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

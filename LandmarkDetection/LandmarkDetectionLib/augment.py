@@ -27,7 +27,8 @@ from .geometry import LPS_TO_RAS, Grid
 from .resources import resources_dir
 
 POLICIES = ("DA1", "DA2", "DA3", "DA4")
-MACHINE_TRANSFORMS = ("RandomGhosting", "RandomSpike", "RandomBiasField", "RandomNoise", "RandomMotion", "RandomBlur")
+MACHINE_TRANSFORMS = ("RandomGhosting", "RandomSpike", "RandomBiasField", "RandomNoise", "RandomMotion", "RandomBlur",
+                      "RandomGamma")
 
 
 # ----------------------------------------------------------------------------------------- configuration
@@ -167,12 +168,13 @@ class Augmenter:
             a = patient["affine"]
             degrees = rng.uniform(-a["degrees"], a["degrees"], 3)
             translation = rng.uniform(-a["translation_mm"], a["translation_mm"], 3)
-            scale = float(rng.uniform(*a["scales"]))
-            transform = tio.Affine(scales=(scale,) * 3, degrees=tuple(degrees), translation=tuple(translation),
+            scales = rng.uniform(*a["scales"], 1 if a.get("isotropic", True) else 3) * np.ones(3)
+            transform = tio.Affine(scales=tuple(scales), degrees=tuple(degrees), translation=tuple(translation),
                                    default_pad_value="minimum")
             applied.spatial.append(transform)
             applied.steps.append(("Affine", {"degrees": degrees.round(3).tolist(),
-                                             "translation_mm": translation.round(3).tolist(), "scale": round(scale, 4)}))
+                                             "translation_mm": translation.round(3).tolist(),
+                                             "scales": scales.round(4).tolist()}))
         if use_anisotropy:
             factor = float(rng.uniform(*patient["anisotropy"]["downsampling"]))
             axis = int(rng.integers(3))

@@ -242,8 +242,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from pathlib import Path
-
     from .data import discover_cases
     from .detect import detect_path
     from .io import read_landmarks
@@ -332,8 +330,11 @@ def cmd_demo(args) -> int:
           f"({summary['device']}).")
     print(f"Mean radial error {summary['mre_mm']:.2f} +- {summary['sd_mm']:.2f} mm; within 2 mm: "
           f"{summary['sdr_2mm']:.0f}%, within 4 mm: {summary['sdr_4mm']:.0f}%.")
+    print(f"{summary['flagged']} landmark(s) flagged as uncertain; {summary['coverage'] * 100:.0f}% of truths inside "
+          f"their 90% ellipsoids.")
     print(summary["note"])
     print(f"Landmarks: {summary['landmarks']} (open in 3D Slicer with {Path(args.output) / 'test_scan.nii.gz'})")
+    print(f"Report: {summary['report']}")
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .detect import Detection, detect_image, write_detection
+from .detect import write_detection
 from .errors import LandmarkError
 from .geometry import apply_matrix, centered_grid, move_image, physical_center_ras, rigid_matrix
 from .io import atomic_write_text, check_writable_dir, read_landmarks, read_volume, write_markups_json, write_volume
@@ -74,7 +74,12 @@ def make_test_scan(image: sitk.Image, landmarks: np.ndarray, seed: int = 2026):
 
 # ------------------------------------------------------------------------------------------------- demo
 def run_demo(output: str | Path, model_path: str | Path | None = None, device: str = "auto", seed: int = 2026,
-             progress=None) -> dict:
+             passes: int = 50, flag_mm: float = 5.0, gradcam_landmarks=("AC", "PC", "GENU", "RALTH")) -> dict:
+    """Make the unseen test scan, detect with uncertainty, explain a few landmarks with Grad-CAM, and write
+    everything with report.html into ``output``."""
+    from . import report
+    from .detect import UncertaintyOptions, detect_volume
+    from .gradcam import compute_gradcam
     from .runtime import pick_device
 
     started = time.monotonic()
@@ -87,16 +92,45 @@ def run_demo(output: str | Path, model_path: str | Path | None = None, device: s
     scan, truth, _ = make_test_scan(image, landmarks, seed)
     write_volume(scan, output / "test_scan.nii.gz")
     write_markups_json(output / "truth.mrk.json", schema, truth, name="truth")
-    predicted = detect_image(model, scan, device)
+
+    options = UncertaintyOptions(passes=passes, flag_mm=flag_mm, seed=seed)
+    detect_started = time.monotonic()
+    detection = detect_volume(model, scan, device, "test_scan", options)
+    detect_seconds = time.monotonic() - detect_started
+    predicted, uncertainty = detection.landmarks_ras, detection.uncertainty
     errors = radial_errors(predicted, truth)
-    paths = write_detection(model, Detection("test_scan", predicted), output, overwrite=True,
-                            extra_columns={"error_mm": errors})
+    paths = write_detection(model, detection, output, overwrite=True, extra_columns={"error_mm": errors},
+                            options=options)
+
+    chosen = [schema.lookup(name) for name in gradcam_landmarks if schema.lookup(name) is not None]
+    cams = compute_gradcam(model, scan, chosen, device=device)
+    (output / "gradcam").mkdir(exist_ok=True)
+    cam_volumes = {}
+    for n, index in enumerate(chosen):
+        cam_volumes[index] = cams.volume(n, scan)
+        write_volume(cam_volumes[index], output / "gradcam" / f"test_scan_gradcam_{schema.landmarks[index].name}.nii.gz")
+
+    semi = uncertainty.max_semi_axis()
     summary = summarize(errors)
-    summary.update(seconds=round(time.monotonic() - started, 1), device=str(device), model=str(model_path),
+    from scipy.stats import chi2
+
+    summary.update(seconds=round(time.monotonic() - started, 1), detect_seconds=round(detect_seconds, 2),
+                   device=str(device), model=str(model_path), passes=passes, flagged=int((semi > flag_mm).sum()),
+                   coverage=float((uncertainty.mahalanobis_squared(truth) <= chi2.ppf(uncertainty.level, 3)).mean()),
                    landmarks=str(paths["markups"]),
                    note="The test scan was made from the training template (new head position, 2.2 mm slices, "
                         "scanner artefacts); accuracy on unseen anatomy is measured by benchmarks/heldout.py.")
+    figure_paths = {key: output / f"{key}.png" for key in ("landmarks", "errors", "uncertainty", "gradcam")}
+    report.landmark_panels(scan, schema, predicted, truth, uncertainty, figure_paths["landmarks"])
+    report.error_figure(schema, errors, figure_paths["errors"])
+    report.uncertainty_figure(schema, errors, semi, flag_mm, figure_paths["uncertainty"])
+    report.gradcam_figure(scan, schema, cam_volumes, predicted, figure_paths["gradcam"], cams.layer)
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    summary["files"] = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()) + ["report.html"]
+    report.write_html(output / "report.html", summary, model, schema, errors, semi, flag_mm, figure_paths,
+                      files.attribution)
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
+    summary["report"] = str(output / "report.html")
     return summary
 
 

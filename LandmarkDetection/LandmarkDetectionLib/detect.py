@@ -43,6 +43,7 @@ def predict_indices(model: LandmarkModel, batch: torch.Tensor) -> torch.Tensor:
 
 def detect_image(model: LandmarkModel, image: sitk.Image, device: torch.device) -> np.ndarray:
     """The (K, 3) RAS landmarks of one volume."""
+    device = torch.device(device)
     array, grid = prepare(image, model.config.geometry)
     model.network.eval()
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
