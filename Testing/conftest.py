@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from LandmarkDetectionLib.schema import load_schema
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "GradCAMViewer"))  # the viewer's Qt-free scene logic, as Slicer would find it
 
 
 def oblique_direction(degrees=(20.0, -10.0, 35.0)) -> tuple:

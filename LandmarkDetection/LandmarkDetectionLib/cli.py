@@ -376,16 +376,18 @@ def cmd_gradcam(args) -> int:
         prefix = name if len(models) == 1 else f"{name}_model{'AB'[index]}"
         paths = write_cams(result, model, image, output, prefix, args.format, args.single_file, args.normalize)
         tables.append((model, focus_metrics(result, args.radius_mm)))
+        if index == 0:
+            predicted = result.predicted_ras
         print(f"{path}: {len(landmarks)} Grad-CAM volume(s) at layer {result.layer} -> {paths[0].parent}")
     schema = tables[0][0].schema
-    header = ["landmark", "sub_anatomy"]
+    header = ["landmark", "sub_anatomy", "x", "y", "z"]
     for label in ("A", "B")[: len(tables)]:
         header += [f"mass_within_{args.radius_mm:g}mm_{label}", f"com_distance_mm_{label}", f"max_overlap_{label}",
                    f"max_overlap_with_{label}"]
     lines = [",".join(header)]
     for n, row in enumerate(tables[0][1]):
         lm = schema.landmarks[row["landmark"]]
-        cells = [lm.name, lm.sub_anatomy]
+        cells = [lm.name, lm.sub_anatomy, *(f"{v:.3f}" for v in predicted[row["landmark"]])]
         for _, rows in tables:
             r = rows[n]
             other = schema.landmarks[r["max_overlap_with"]].name if r["max_overlap_with"] is not None else ""

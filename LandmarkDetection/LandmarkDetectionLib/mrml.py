@@ -69,7 +69,7 @@ def results_folder(scene, volume_node, name: str) -> int:
     return folder
 
 
-def _place(scene, node, folder: int) -> None:
+def place(scene, node, folder: int) -> None:
     hierarchy = scene.GetSubjectHierarchyNode()
     item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
     hierarchy.SetItemParent(item, folder)
@@ -97,7 +97,7 @@ def add_landmarks(scene, schema: Schema, coords_ras: np.ndarray, folder: int | N
         display.SetSelectedColor(sub.rgb)
         display.SetColor(sub.rgb)
         if folder is not None:
-            _place(scene, node, folder)
+            place(scene, node, folder)
         nodes.append(node)
     return nodes
 
@@ -153,7 +153,7 @@ def add_ellipsoids(scene, schema: Schema, uncertainty, flag_mm: float, folder: i
         display.SetVisibility2D(True)
         node.SetAttribute("LandmarkDetection.MaxSemiAxisMm", f"{semi[0]:.3f}")
         if folder is not None:
-            _place(scene, node, folder)
+            place(scene, node, folder)
         nodes.append(node)
     return nodes
 
@@ -190,7 +190,7 @@ def add_results_table(scene, schema: Schema, coords_ras: np.ndarray, uncertainty
             column.InsertNextValue(value)
     table.Modified()
     if folder is not None:
-        _place(scene, table, folder)
+        place(scene, table, folder)
     return table
 
 
@@ -210,5 +210,5 @@ def add_gradcam_volume(scene, cam: sitk.Image, name: str, folder: int | None = N
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(float(values.min()), float(max(values.max(), values.min() + 1e-6)))
     if folder is not None:
-        _place(scene, node, folder)
+        place(scene, node, folder)
     return node
