@@ -243,7 +243,7 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
 
         self.cache.load(process.work / "out", process.stem, self.modelLabels(parameters), process.landmarks)
         focus = process.work / "out" / f"{process.stem}_gradcam_focus.csv"
-        for row in csv.DictReader(focus.open()):
+        for row in csv.DictReader(focus.open(encoding="utf-8")):
             self.positions[row["landmark"]] = [float(row[k]) for k in ("x", "y", "z")]
 
     def cleanup(self, process) -> None:

@@ -34,7 +34,7 @@ def test_there_are_modules():
 def test_widget_names_and_parameter_names_match_the_ui(module_dir):
     root = _ui(module_dir)
     widgets = {w.get("name") for w in root.iter("widget")}
-    source = (module_dir / f"{module_dir.name}.py").read_text()
+    source = (module_dir / f"{module_dir.name}.py").read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used, "the module uses no widgets?"
     assert used <= widgets, f"used in code but not in the .ui: {sorted(used - widgets)}"
@@ -45,7 +45,7 @@ def test_widget_names_and_parameter_names_match_the_ui(module_dir):
 
 @pytest.mark.parametrize("module_dir", MODULES, ids=lambda m: m.name)
 def test_every_python_file_and_resource_is_listed_in_cmake(module_dir):
-    cmake = (module_dir / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", module_dir.name)
+    cmake = (module_dir / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", module_dir.name)
     for path in module_dir.rglob("*"):
         if "__pycache__" in path.parts or path.is_dir() or path.name == "CMakeLists.txt":
             continue
@@ -54,7 +54,7 @@ def test_every_python_file_and_resource_is_listed_in_cmake(module_dir):
 
 
 def test_extension_cmake_names_every_module_and_depends_on_pytorch():
-    cmake = (REPO / "CMakeLists.txt").read_text()
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake
     for module_dir in MODULES:
         assert f"add_subdirectory({module_dir.name})" in cmake
@@ -65,7 +65,7 @@ def test_extension_cmake_names_every_module_and_depends_on_pytorch():
 
 def test_backend_never_imports_qt_or_the_slicer_application():
     for path in (REPO / "LandmarkDetection" / "LandmarkDetectionLib").rglob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(import qt|import ctk|from qt )", text, re.M), path
         assert "slicer.app" not in text, path
 

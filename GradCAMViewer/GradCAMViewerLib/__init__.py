@@ -90,7 +90,7 @@ def focus_table(scene, csv_path: Path, folder=None):
     """The focus metrics CSV of the gradcam command as a table node."""
     import vtk
 
-    rows = list(csv.DictReader(Path(csv_path).open()))
+    rows = list(csv.DictReader(Path(csv_path).open(encoding="utf-8")))
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "Grad-CAM focus")
     for column_name in rows[0].keys():
         numeric = column_name not in ("landmark", "sub_anatomy") and not column_name.startswith("max_overlap_with")

@@ -283,7 +283,7 @@ def _broadcast(value: float, device, world: int) -> float:
 
 def _append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
-    with path.open("a", newline="") as handle:
+    with path.open("a", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         if new:
             writer.writeheader()
