@@ -134,3 +134,26 @@ def test_calibrate_writes_a_new_model_whose_ellipsoids_are_scaled(tiny_locnet, t
     assert np.allclose(scaled.covariance, scale * plain.covariance)
     assert main(["calibrate", "--model", str(tiny_locnet), "--dataset", str(tiny_dataset), "--output",
                  str(tiny_locnet), "--progress", "none"]) == 2
+
+
+@pytest.mark.parametrize("shift", [(3.0, -2.0, 4.0), (-4.5, 1.5, -2.5)])
+def test_trained_locnet_is_shift_equivariant(sample, shift):
+    """Moving the head by a few mm inside a fixed input grid (non-integer voxels) moves every prediction
+    by the same amount: the bundled demo model on the real sample brain."""
+    from LandmarkDetectionLib.demo import demo_model_path
+    from LandmarkDetectionLib.geometry import move_image, physical_center_ras, rigid_matrix
+    from LandmarkDetectionLib.preprocess import prepare
+
+    image, _, _ = sample
+    model = load_model(demo_model_path())
+    center = physical_center_ras(image)
+
+    def predict(volume):
+        array, grid = prepare(volume, model.config.geometry, center_ras=center)  # the same grid both times
+        with torch.inference_mode():
+            return grid.to_ras(model.network.predict_indices(torch.from_numpy(array)[None, None])[0].double().numpy())
+
+    moved = move_image(image, rigid_matrix((0, 0, 0), shift))
+    displacement = predict(moved) - predict(image)
+    deviation = np.linalg.norm(displacement - np.asarray(shift), axis=1)
+    assert np.median(deviation) < 0.5 and deviation.max() < 1.5, deviation.round(2)
