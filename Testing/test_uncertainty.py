@@ -30,6 +30,7 @@ def test_covariance_of_a_known_spread_is_recovered():
 def test_ellipsoid_matches_a_monte_carlo_check():
     semi, axes = ellipsoid(SIGMA, 0.9)
     assert np.all(np.diff(semi) <= 0)
+    assert np.allclose(axes.T @ axes, np.eye(3)) and np.linalg.det(axes) == pytest.approx(1.0)  # a rotation
     assert np.allclose(axes @ np.diag(semi ** 2 / chi2.ppf(0.9, 3)) @ axes.T, SIGMA)  # the quadric's matrix
     points = np.random.default_rng(1).multivariate_normal([0, 0, 0], SIGMA, size=200000)
     # Inside the ellipsoid <=> sum over axes of (coordinate along axis / semi-axis)^2 <= 1.

@@ -49,10 +49,13 @@ class Uncertainty:
 
 
 def ellipsoid(covariance: np.ndarray, level: float = 0.9):
-    """Semi-axes (descending, mm) and axes (3x3, columns) of {x : x^T C^-1 x <= chi2_3(level)}."""
+    """Semi-axes (descending, mm) and axes (3x3, columns: a rotation, right-handed, so a unit sphere mapped
+    through it keeps outward normals) of {x : x^T C^-1 x <= chi2_3(level)}."""
     values, vectors = np.linalg.eigh(np.asarray(covariance, float))
     order = np.argsort(values)[::-1]
     values, vectors = np.clip(values[order], 0, None), vectors[:, order]
+    if np.linalg.det(vectors) < 0:
+        vectors[:, 2] = -vectors[:, 2]
     return np.sqrt(chi2.ppf(level, 3) * values), vectors
 
 
