@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from LandmarkDetectionLib.geometry import Grid, apply_matrix, move_image, physical_center_ras, rigid_matrix
+from LandmarkDetectionLib.geometry import apply_matrix, move_image, physical_center_ras, rigid_matrix
 from LandmarkDetectionLib.io import read_landmarks, read_volume, write_markups_json, write_volume
 from LandmarkDetectionLib.schema import load_schema
 

@@ -8,7 +8,7 @@ from LandmarkDetectionLib.errors import LandmarkError
 from LandmarkDetectionLib.geometry import Grid, apply_matrix, centered_grid, move_image, rigid_matrix
 from LandmarkDetectionLib.io import (read_landmarks, read_points, read_volume, write_landmarks,
                                      write_markups_json, write_volume)
-from conftest import make_volume, oblique_direction
+from conftest import make_volume
 
 
 def test_index_to_ras_matches_simpleitk_for_an_oblique_anisotropic_volume():

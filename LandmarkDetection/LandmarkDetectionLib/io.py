@@ -318,7 +318,7 @@ def write_landmarks(path, schema: Schema, coords_ras) -> None:
             lines.append(f"{i + 1},{l!r},{p!r},{s!r},0,0,0,1,1,1,0,{lm.name},{lm.sub_anatomy},")
         atomic_write_text(path, "\n".join(lines) + "\n")
     else:
-        raise LandmarkError(path, f"unknown landmark format; expected one of .mrk.json, .fcsv, .csv")
+        raise LandmarkError(path, "unknown landmark format; expected one of .mrk.json, .fcsv, .csv")
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
