@@ -11,8 +11,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from LandmarkDetectionLib.geometry import apply_matrix, move_image, physical_center_ras, rigid_matrix
+from LandmarkDetectionLib.geometry import apply_matrix, move_image, rigid_matrix
+from LandmarkDetectionLib.demo import random_head_position
 from LandmarkDetectionLib.io import read_landmarks, read_volume, write_markups_json, write_volume
+from LandmarkDetectionLib.preprocess import resample_isotropic
 from LandmarkDetectionLib.schema import load_schema
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -55,21 +57,14 @@ def sample():
     return read_volume(files.t1w), read_landmarks(files.afids, load_schema("afids-32")), files
 
 
-def downsampled(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    size = [int(round(n * s / spacing_mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing_mm] * 3,
-                         image.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
 def moved_copies(image, landmarks, schema, folder: Path, count: int, seed: int, degrees=15.0, mm=15.0,
                  prefix="case"):
     """``count`` copies of a scan moved by seeded random rigid motions, written as NIfTI + .mrk.json."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    center = physical_center_ras(image)
     motions = []
     for n in range(count):
-        matrix = rigid_matrix(rng.uniform(-degrees, degrees, 3), rng.uniform(-mm, mm, 3), center)
+        matrix = random_head_position(image, rng, degrees, mm)
         write_volume(move_image(image, matrix), folder / f"{prefix}{n:02d}.nii.gz")
         write_markups_json(folder / f"{prefix}{n:02d}.mrk.json", schema, apply_matrix(matrix, landmarks))
         motions.append(matrix)
@@ -80,7 +75,7 @@ def moved_copies(image, landmarks, schema, folder: Path, count: int, seed: int, 
 def afids_small(sample):
     """The sample at 3 mm (fast to read and resample) with its landmarks."""
     image, landmarks, _ = sample
-    return downsampled(image, 3.0), landmarks
+    return resample_isotropic(image, 3.0), landmarks
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from LandmarkDetectionLib.geometry import apply_matrix, move_image
 from LandmarkDetectionLib.io import read_landmarks, read_volume
 from LandmarkDetectionLib.metrics import radial_errors, summarize
 from LandmarkDetectionLib.modelfile import load_model
+from LandmarkDetectionLib.preprocess import resample_isotropic
 
 TEMPLATES = {"MNI152Lin": ("avg152T1_spm12_2mm.nii.gz", "tpl-MNI152Lin_res-01_desc-groundtruth_afids.fcsv"),
              "MNI305": ("avg305T1_spm12_2mm.nii.gz", "tpl-MNI305_desc-groundtruth_afids.fcsv")}
@@ -48,10 +49,7 @@ def register(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
         return r
 
     # Register at 2 mm (the test templates' own resolution): the scan's slices add nothing finer.
-    fixed = sitk.Resample(sitk.Cast(fixed, sitk.sitkFloat32), [int(n * s / 2.0) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())],
-                          sitk.Transform(), sitk.sitkLinear, fixed.GetOrigin(), [2.0] * 3, fixed.GetDirection(), 0.0,
-                          sitk.sitkFloat32)
-    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    fixed, moving = resample_isotropic(fixed, 2.0), sitk.Cast(moving, sitk.sitkFloat32)
     rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
     r = method([4, 2], [4.0, 2.0], 100)
@@ -81,8 +79,7 @@ def main():
     args = parser.parse_args()
     model = load_model(args.model or demo_model_path())
     atlas, atlas_afids, schema, _ = sample_case()
-    atlas = sitk.Resample(atlas, [96, 114, 96], sitk.Transform(), sitk.sitkLinear, atlas.GetOrigin(), [2.0] * 3,
-                          atlas.GetDirection(), 0.0, sitk.sitkFloat32)  # 2 mm: the resolution of the test templates
+    atlas = resample_isotropic(atlas, 2.0)  # 2 mm: the resolution of the test templates
     model_errors, registration_errors, model_s, registration_s = [], [], [], []
     for name, (volume_file, afids_file) in TEMPLATES.items():
         image = read_volume(Path(args.data) / volume_file)

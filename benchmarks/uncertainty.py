@@ -54,7 +54,6 @@ def measure(kind: str, device: str, threads: int) -> dict:
 def accuracy(architecture: str, work) -> float:
     """MRE (mm) on 4 held-out moved copies of the sample template after a short CPU training."""
     import numpy as np
-    import SimpleITK as sitk
 
     from LandmarkDetectionLib.demo import random_head_position, sample_case
     from LandmarkDetectionLib.detect import detect_image
@@ -62,11 +61,11 @@ def accuracy(architecture: str, work) -> float:
     from LandmarkDetectionLib.io import write_markups_json, write_volume
     from LandmarkDetectionLib.metrics import radial_errors
     from LandmarkDetectionLib.modelfile import load_model
+    from LandmarkDetectionLib.preprocess import resample_isotropic
     from LandmarkDetectionLib.train import TrainOptions, train
 
     image, landmarks, schema, _ = sample_case()
-    image = sitk.Resample(image, [96, 114, 96], sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [2.0] * 3,
-                          image.GetDirection(), 0.0, sitk.sitkFloat32)
+    image = resample_isotropic(image, 2.0)
     rng = np.random.default_rng(5)
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -137,10 +137,10 @@ def run_demo(output: str | Path, model_path: str | Path | None = None, device: s
 # ------------------------------------------------------------------------------------ demo model recipe
 def build_training_set(folder: Path, copies: int = 24, seed: int = 0, spacing_mm: float = 2.0) -> Path:
     """Moved copies of the sample template (at ``spacing_mm``, for speed) with their AFIDs."""
+    from .preprocess import resample_isotropic
+
     image, landmarks, schema, _ = sample_case()
-    size = [int(round(n * s / spacing_mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing_mm] * 3,
-                          image.GetDirection(), 0.0, sitk.sitkFloat32)
+    image = resample_isotropic(image, spacing_mm)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for n in range(copies):

@@ -54,6 +54,13 @@ def resample_to_grid(image: sitk.Image, grid: Grid, transform: sitk.Transform | 
     return sitk.GetArrayFromImage(resampled)
 
 
+def resample_isotropic(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """The same field of view (origin and direction kept) at ``spacing_mm`` in every axis, float32."""
+    size = [int(round(n * s / spacing_mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [spacing_mm] * 3,
+                         image.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
 def normalize_intensity(array: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
     """Robust min-max: the given percentiles of the voxels above the background go to 0 and 1."""
     array = np.asarray(array, dtype=np.float32)
