@@ -43,6 +43,7 @@ class Landmark:
     between: tuple[str, str] | None = None
     fraction: float | None = None
     aliases: tuple[str, ...] = ()
+    mirror: str | None = None  # the left-right counterpart (None: a midline landmark, its own mirror)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class Schema:
                     self._index[k.strip().lower()] = i
         return self._index.get(str(key).strip().lower())
 
+    def mirror_indices(self) -> list[int]:
+        """For each landmark, the index of its left-right counterpart (itself on the midline): the
+        relabelling a left-right flip of the head needs."""
+        return [self.names.index(lm.mirror) if lm.mirror else i for i, lm in enumerate(self.landmarks)]
+
     def to_dict(self) -> dict:
         def landmark(lm: Landmark) -> dict:
             d = {"number": lm.number, "name": lm.name, "sub_anatomy": lm.sub_anatomy, "role": lm.role,
@@ -83,6 +89,8 @@ class Schema:
                 d["between"], d["fraction"] = list(lm.between), lm.fraction
             if lm.aliases:
                 d["aliases"] = list(lm.aliases)
+            if lm.mirror:
+                d["mirror"] = lm.mirror
             return d
 
         return {
@@ -164,7 +172,8 @@ def schema_from_dict(data: dict, source: str = "<schema>") -> Schema:
                 fail(f"secondary landmark '{name}' has fraction {fraction}; expected between 0 and 1")
         landmarks.append(Landmark(position, name, raw["sub_anatomy"], role, raw.get("definition", ""),
                                   tuple(between) if between else None, fraction,
-                                  tuple(str(a) for a in raw.get("aliases", ()))))
+                                  tuple(str(a) for a in raw.get("aliases", ())),
+                                  str(raw["mirror"]) if raw.get("mirror") else None))
 
     names = [lm.name for lm in landmarks]
     if len(set(n.lower() for n in names)) != len(names):
@@ -178,6 +187,10 @@ def schema_from_dict(data: dict, source: str = "<schema>") -> Schema:
                 if by_name[end].role != "primary" or by_name[end].sub_anatomy != lm.sub_anatomy:
                     fail(f"secondary landmark '{lm.name}' must lie between primary points of its own sub-anatomy; "
                          f"'{end}' is not one")
+    for lm in landmarks:
+        if lm.mirror and (lm.mirror not in by_name or by_name[lm.mirror].mirror != lm.name):
+            fail(f"landmark '{lm.name}' has mirror '{lm.mirror}', which must be a landmark naming '{lm.name}' "
+                 "as its own mirror")
     keys = {}
     for lm in landmarks:
         for key in {lm.name.lower(), *(a.lower() for a in lm.aliases)}:
