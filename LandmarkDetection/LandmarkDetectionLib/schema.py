@@ -46,6 +46,46 @@ class Landmark:
     mirror: str | None = None  # the left-right counterpart (None: a midline landmark, its own mirror)
 
 
+PLANE_KEYS = ("mid-sagittal", "axial", "ac", "pc", "anterior", "sub_anatomies", "note")
+
+
+@dataclass(frozen=True)
+class SchemaPlanes:
+    """The schema's optional top-level "planes" object: which landmarks define which scan plane.
+
+    ``{"mid-sagittal": {"landmarks": [...]}, "axial": {"landmarks": [...]}, "ac": "AC", "pc": "PC",
+    "anterior": {"from": "...", "to": "..."}, "sub_anatomies": [...], "note": "..."}``, every key optional.
+    ``ac`` and ``pc`` come together (an AC-PC frame exists only where a schema names both); ``anterior``
+    names two landmarks whose direction points forward in the head, used to orient plane normals where
+    there is no AC and PC; ``sub_anatomies`` lists the sub-anatomies that get their own best-fit plane.
+    Landmark names are stored canonical (aliases in the file are resolved).
+    """
+
+    mid_sagittal: tuple[str, ...] = ()
+    axial: tuple[str, ...] = ()
+    ac: str | None = None
+    pc: str | None = None
+    anterior: tuple[str, str] | None = None
+    sub_anatomies: tuple[str, ...] | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        d = {}
+        if self.mid_sagittal:
+            d["mid-sagittal"] = {"landmarks": list(self.mid_sagittal)}
+        if self.axial:
+            d["axial"] = {"landmarks": list(self.axial)}
+        if self.ac:
+            d["ac"], d["pc"] = self.ac, self.pc
+        if self.anterior:
+            d["anterior"] = {"from": self.anterior[0], "to": self.anterior[1]}
+        if self.sub_anatomies is not None:
+            d["sub_anatomies"] = list(self.sub_anatomies)
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
 @dataclass(frozen=True)
 class Schema:
     name: str
@@ -53,6 +93,7 @@ class Schema:
     sub_anatomies: tuple[SubAnatomy, ...]
     landmarks: tuple[Landmark, ...]
     source: str = ""
+    planes: SchemaPlanes | None = None  # the optional "planes" declaration (see SchemaPlanes)
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
@@ -93,13 +134,16 @@ class Schema:
                 d["mirror"] = lm.mirror
             return d
 
-        return {
+        d = {
             "format": "landmark-schema", "version": 1, "name": self.name, "description": self.description,
             "sub_anatomies": [
                 {"name": s.name, "plane": s.plane, "color": s.color, "guideline": s.guideline,
                  "plane_definition": s.plane_definition} for s in self.sub_anatomies],
             "landmarks": [landmark(lm) for lm in self.landmarks],
         }
+        if self.planes is not None:
+            d["planes"] = self.planes.to_dict()
+        return d
 
 
 def builtin_schemas() -> list[str]:
@@ -196,8 +240,68 @@ def schema_from_dict(data: dict, source: str = "<schema>") -> Schema:
         for key in {lm.name.lower(), *(a.lower() for a in lm.aliases)}:
             if keys.setdefault(key, lm.name) != lm.name:
                 fail(f"alias '{key}' is used by both '{keys[key]}' and '{lm.name}'")
+    planes = _parse_planes(data["planes"], landmarks, sub_names, fail) if "planes" in data else None
     return Schema(str(data.get("name") or Path(source).stem), str(data.get("description", "")),
-                  tuple(subs), tuple(landmarks), source)
+                  tuple(subs), tuple(landmarks), source, planes)
+
+
+def _parse_planes(raw, landmarks, sub_names, fail) -> SchemaPlanes:
+    """Validate the "planes" object; every landmark it names must be in the schema (name or alias)."""
+    if not isinstance(raw, dict):
+        fail("'planes' must be an object like {\"mid-sagittal\": {\"landmarks\": [...]}, \"ac\": \"AC\", "
+             "\"pc\": \"PC\"}")
+    unknown = [k for k in raw if k not in PLANE_KEYS]
+    if unknown:
+        fail(f"'planes' has unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(PLANE_KEYS)}")
+    canonical = {}
+    for lm in landmarks:
+        for key in (lm.name, *lm.aliases):
+            canonical[key.strip().lower()] = lm.name
+
+    def landmark(value, where):
+        name = canonical.get(str(value).strip().lower()) if isinstance(value, str) else None
+        if name is None:
+            fail(f"'planes' {where} names unknown landmark {value!r}")
+        return name
+
+    def plane(key):
+        entry = raw.get(key)
+        if entry is None:
+            return ()
+        if not isinstance(entry, dict) or not isinstance(entry.get("landmarks"), list) or set(entry) - {"landmarks"}:
+            fail(f"'planes' '{key}' must be an object {{\"landmarks\": [names...]}}")
+        names = [landmark(v, f"'{key}'") for v in entry["landmarks"]]
+        if len(set(names)) != len(names):
+            fail(f"'planes' '{key}' names a landmark twice: {_duplicates(names)}")
+        if len(names) < 3:
+            fail(f"'planes' '{key}' needs at least 3 landmarks to define a plane, got {len(names)}")
+        return tuple(names)
+
+    ac = landmark(raw["ac"], "'ac'") if raw.get("ac") is not None else None
+    pc = landmark(raw["pc"], "'pc'") if raw.get("pc") is not None else None
+    if (ac is None) != (pc is None):
+        fail("'planes' must name both 'ac' and 'pc' (an AC-PC frame needs both) or neither")
+    if ac is not None and ac == pc:
+        fail(f"'planes' 'ac' and 'pc' are the same landmark '{ac}'")
+    anterior = raw.get("anterior")
+    if anterior is not None:
+        if not isinstance(anterior, dict) or set(anterior) != {"from", "to"}:
+            fail("'planes' 'anterior' must be an object {\"from\": posterior landmark, \"to\": anterior landmark}")
+        anterior = (landmark(anterior["from"], "'anterior'"), landmark(anterior["to"], "'anterior'"))
+        if anterior[0] == anterior[1]:
+            fail(f"'planes' 'anterior' runs from '{anterior[0]}' to itself")
+    subs = raw.get("sub_anatomies")
+    if subs is not None:
+        if not isinstance(subs, list):
+            fail("'planes' 'sub_anatomies' must be a list of sub-anatomy names")
+        for name in subs:
+            if name not in sub_names:
+                fail(f"'planes' 'sub_anatomies' names unknown sub-anatomy {name!r}")
+        subs = tuple(subs)
+    note = raw.get("note", "")
+    if not isinstance(note, str):
+        fail("'planes' 'note' must be text")
+    return SchemaPlanes(plane("mid-sagittal"), plane("axial"), ac, pc, anterior, subs, note)
 
 
 def _duplicates(items):
