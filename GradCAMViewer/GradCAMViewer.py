@@ -205,9 +205,9 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
         return Path(value) if value and str(value) not in ("", ".") else None
 
     def modelPaths(self, parameters) -> list[Path]:
-        from LandmarkDetectionLib.demo import demo_model_path
+        from LandmarkDetectionLib.resources import bundled_model_path
 
-        paths = [self._path(parameters.modelPath) or demo_model_path()]
+        paths = [self._path(parameters.modelPath) or bundled_model_path()]
         if self._path(parameters.compareModelPath):
             paths.append(self._path(parameters.compareModelPath))
         return paths

@@ -234,10 +234,10 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modelPath(parameters) -> Path:
-        from LandmarkDetectionLib.demo import demo_model_path
+        from LandmarkDetectionLib.resources import bundled_model_path
 
         path = Path(parameters.modelPath) if parameters.modelPath and str(parameters.modelPath) not in ("", ".") else None
-        return path or demo_model_path()
+        return path or bundled_model_path()
 
     def loadSample(self):
         """Fetch the sample brain (pip, SHA-256 checked) and load it through the SampleData module."""

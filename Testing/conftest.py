@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from LandmarkDetectionLib.geometry import apply_matrix, move_image, rigid_matrix
-from LandmarkDetectionLib.demo import random_head_position
+from LandmarkDetectionLib.testscans import random_head_position
 from LandmarkDetectionLib.io import read_landmarks, read_volume, write_markups_json, write_volume
 from LandmarkDetectionLib.preprocess import resample_isotropic
 from LandmarkDetectionLib.schema import load_schema

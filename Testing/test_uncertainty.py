@@ -141,12 +141,12 @@ def test_calibrate_writes_a_new_model_whose_ellipsoids_are_scaled(tiny_locnet, t
 def test_trained_locnet_is_shift_equivariant(sample, shift):
     """Moving the head by a few mm inside a fixed input grid (non-integer voxels) moves every prediction
     by the same amount: the bundled demo model on the real sample brain."""
-    from LandmarkDetectionLib.demo import demo_model_path
+    from LandmarkDetectionLib.resources import bundled_model_path
     from LandmarkDetectionLib.geometry import move_image, physical_center_ras, rigid_matrix
     from LandmarkDetectionLib.preprocess import prepare
 
     image, _, _ = sample
-    model = load_model(demo_model_path())
+    model = load_model(bundled_model_path())
     center = physical_center_ras(image)
 
     def predict(volume):

@@ -18,7 +18,8 @@ import SimpleITK as sitk
 
 from _common import ROOT
 from LandmarkDetectionLib.augment import invert_points
-from LandmarkDetectionLib.demo import acquire, demo_model_path, random_head_position, sample_case
+from LandmarkDetectionLib.resources import bundled_model_path
+from LandmarkDetectionLib.testscans import acquire, random_head_position, sample_case
 from LandmarkDetectionLib.detect import detect_image
 from LandmarkDetectionLib.geometry import apply_matrix, move_image
 from LandmarkDetectionLib.io import read_landmarks, read_volume
@@ -77,7 +78,7 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--skip-registration", action="store_true", help="only the model (to compare models fast)")
     args = parser.parse_args()
-    model = load_model(args.model or demo_model_path())
+    model = load_model(args.model or bundled_model_path())
     atlas, atlas_afids, schema, _ = sample_case()
     atlas = resample_isotropic(atlas, 2.0)  # 2 mm: the resolution of the test templates
     model_errors, registration_errors, model_s, registration_s = [], [], [], []
@@ -103,11 +104,11 @@ def main():
             print(line, flush=True)
     model_summary = summarize(np.array(model_errors))
     if args.skip_registration:
-        print(json.dumps({"cases": len(model_errors), "model": str(args.model or demo_model_path()),
+        print(json.dumps({"cases": len(model_errors), "model": str(args.model or bundled_model_path()),
                           **{f"model_{k}": v for k, v in model_summary.items()}}))
         return
     registration_summary = summarize(np.array(registration_errors))
-    result = {"cases": len(model_errors), "templates": list(TEMPLATES), "model": str(args.model or demo_model_path()),
+    result = {"cases": len(model_errors), "templates": list(TEMPLATES), "model": str(args.model or bundled_model_path()),
               "model_mre_mm": model_summary["mre_mm"], "model_sd_mm": model_summary["sd_mm"],
               "model_sdr_2mm": model_summary["sdr_2mm"], "model_sdr_4mm": model_summary["sdr_4mm"],
               "registration_mre_mm": registration_summary["mre_mm"], "registration_sd_mm": registration_summary["sd_mm"],

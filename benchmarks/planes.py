@@ -22,7 +22,8 @@ import numpy as np
 from _common import ROOT
 from heldout import TEMPLATES, register
 from LandmarkDetectionLib.augment import invert_points
-from LandmarkDetectionLib.demo import acquire, demo_model_path, random_head_position, sample_case
+from LandmarkDetectionLib.resources import bundled_model_path
+from LandmarkDetectionLib.testscans import acquire, random_head_position, sample_case
 from LandmarkDetectionLib.detect import detect_image
 from LandmarkDetectionLib.geometry import apply_matrix, move_image
 from LandmarkDetectionLib.io import read_landmarks, read_volume
@@ -71,7 +72,7 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--skip-registration", action="store_true", help="only the model")
     args = parser.parse_args()
-    model = load_model(args.model or demo_model_path())
+    model = load_model(args.model or bundled_model_path())
     atlas, atlas_afids, schema, _ = sample_case()
     atlas = resample_isotropic(atlas, 2.0)  # 2 mm: the resolution of the test templates
     methods = ["model"] + ([] if args.skip_registration else ["registration"])
@@ -102,7 +103,7 @@ def main():
             print(f"{name} motion {n}: " + "; ".join(parts), flush=True)
         for method in methods:
             print(f"{name} mean over {args.motions} motion(s), {method}: {_line(_mean(per_template[method]))}", flush=True)
-    result = {"cases": len(rows["model"]), "templates": list(TEMPLATES), "model": str(args.model or demo_model_path())}
+    result = {"cases": len(rows["model"]), "templates": list(TEMPLATES), "model": str(args.model or bundled_model_path())}
     for method in methods:
         result.update({f"{method}_{k}": v for k, v in _mean(rows[method]).items()})
         result.update({f"{method}_{k}_max": float(np.max([r[k] for r in rows[method]])) for k in KEYS[:4]})

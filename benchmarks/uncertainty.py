@@ -55,7 +55,7 @@ def accuracy(architecture: str, work) -> float:
     """MRE (mm) on 4 held-out moved copies of the sample template after a short CPU training."""
     import numpy as np
 
-    from LandmarkDetectionLib.demo import random_head_position, sample_case
+    from LandmarkDetectionLib.testscans import random_head_position, sample_case
     from LandmarkDetectionLib.detect import detect_image
     from LandmarkDetectionLib.geometry import apply_matrix, move_image
     from LandmarkDetectionLib.io import write_markups_json, write_volume

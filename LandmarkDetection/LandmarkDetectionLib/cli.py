@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--augment", default="", help="augmentation policy set: 'default' or a policy JSON file")
+    p.add_argument("--synthesis", default="", help="the generalising recipe: 'default' or a synthesis JSON file "
+                                                  "(synthetic appearance and anatomy in the first case's frame; "
+                                                  "the model aligns every scan to it)")
+    p.add_argument("--samples-per-epoch", type=int, default=100, help="with --synthesis: samples per epoch")
     p.add_argument("--resume", action="store_true", help="continue the run in --output after its last epoch")
     _add_common(p)
 
@@ -131,9 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo-output", help="folder for the scan, landmarks and summary")
     p.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the test scan's head position and artefacts")
-    p.add_argument("--train-model", metavar="WORK", help="instead, train the demo model from scratch in WORK")
-    p.add_argument("--epochs", type=int, default=60, help="with --train-model")
-    p.add_argument("--workers", type=int, default=1, help="with --train-model: DataLoader workers")
+    p.add_argument("--train-model", metavar="WORK", help="instead, train the bundled model from scratch in WORK")
+    p.add_argument("--recipe", default="afids-32", help="with --train-model: afids-32 (the generalising recipe) "
+                                                         "or afids-32-poses (the earlier one)")
+    p.add_argument("--epochs", type=int, default=None, help="with --train-model (default: the recipe's)")
+    p.add_argument("--workers", type=int, default=None, help="with --train-model: DataLoader workers")
+    p.add_argument("--resume", action="store_true", help="with --train-model: continue an interrupted training")
     _add_common(p)
 
     p = commands.add_parser("gradcam", help="3D Grad-CAM volumes per landmark, focus metrics, model comparison")
@@ -174,9 +181,11 @@ def main(argv=None) -> int:
 def cmd_train(args) -> int:
     from .train import TrainOptions, train
 
+    from .models import architecture_class
+
     fields = TrainOptions.__dataclass_fields__
     if args.channels is None:
-        args.channels = (16, 16, 12) if args.architecture == "locnet" else (16, 32, 64)
+        args.channels = architecture_class(args.architecture).default_options["channels"]
     options = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
     path = train(options)
     print(f"best model: {path}")
@@ -184,7 +193,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from .detect import detect_path, input_volumes, write_detection
+    from .data import input_volumes
+    from .detect import detect_many, detection_summary
     from .io import check_writable_dir
     from .modelfile import load_model
     from .runtime import Progress, pick_device
@@ -193,20 +203,17 @@ def cmd_detect(args) -> int:
     model = load_model(args.model, device)
     volumes = input_volumes(args.input)
     output = check_writable_dir(args.output)
+    options = _uncertainty_options(args)
     progress = Progress(args.progress)
     progress.start("detect", len(volumes))
     failures = 0
-    for step, volume in enumerate(volumes, start=1):
-        try:  # one bad volume of a folder must not stop the others
-            options = _uncertainty_options(args)
-            detection = detect_path(model, volume, device, options)
-            paths = write_detection(model, detection, output, args.overwrite, options=options)
-            flagged = "" if detection.uncertainty is None else \
-                f", {int((detection.uncertainty.max_semi_axis() > args.flag_mm).sum())} flagged uncertain"
-            progress.message(f"{volume.name}: {len(model.schema)} landmarks{flagged} -> {paths['markups']}")
-        except LandmarkError as error:
+    results = detect_many(model, volumes, output, device, options, args.overwrite)
+    for step, (volume, detection, error) in enumerate(results, start=1):
+        if error is not None:  # one bad volume of a folder does not stop the others
             failures += 1
             print(f"error: {error}", file=sys.stderr)
+        else:
+            progress.message(f"{volume.name}: {detection_summary(model, detection, options)}")
         progress.update(step)
     progress.close()
     if failures and len(volumes) > 1:
@@ -319,11 +326,15 @@ def cmd_augment(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo, train_demo_model
+    from .demo import run_demo
 
     if args.train_model:
-        path = train_demo_model(args.train_model, args.epochs, args.workers, args.device, args.progress)
-        print(f"demo model: {path} (copy it to Resources/Models/afids32-demo.safetensors)")
+        from .recipes import train_bundled_model
+        from .resources import bundled_model_path
+
+        path = train_bundled_model(args.train_model, args.recipe, args.epochs, args.workers, args.device,
+                                   args.progress, args.resume)
+        print(f"model: {path} (the bundled one is {bundled_model_path()})")
         return 0
     summary = run_demo(args.output, args.model, args.device, args.seed)
     print(f"Detected {summary['n']} AFIDs on an unseen scan of the sample brain in {summary['seconds']} s "

@@ -2,7 +2,8 @@
 
 Folder: every volume ``NAME.nii.gz`` (or .nrrd, .mha, ...) with a landmark file ``NAME.mrk.json``
 (or .fcsv, .csv) beside it. Manifest: a CSV with columns ``image`` and ``landmarks`` (paths relative
-to the manifest), optional ``split`` (train, val, test) and ``group``.
+to the manifest), optional ``split`` (train, val, test), ``group`` and ``extra_images`` (other contrasts
+of the same scan, ';'-separated, used by synthetic training).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Case:
     landmarks: Path | None
     split: str = ""
     group: str = ""
+    extra_images: tuple[Path, ...] = ()  # other contrasts of the same scan (e.g. T2w), for synthesis
 
 
 def discover_cases(source: str | Path, require_landmarks: bool = True) -> list[Case]:
@@ -42,6 +44,21 @@ def discover_cases(source: str | Path, require_landmarks: bool = True) -> list[C
         raise LandmarkError(source, "dataset holds no cases (expected NAME.nii.gz + NAME.mrk.json pairs "
                                     "or a CSV manifest with image and landmarks columns)")
     return sorted(cases, key=lambda c: c.name)
+
+
+def input_volumes(source: str | Path) -> list[Path]:
+    """The volumes to process: a volume file, a DICOM series folder, or a folder of volumes."""
+    source = Path(source)
+    if not source.exists():
+        raise LandmarkError(source, "input does not exist")
+    if source.is_file():
+        return [source]
+    if any(p.suffix.lower() == ".dcm" for p in source.iterdir()):
+        return [source]
+    volumes = list_volumes(source)
+    if not volumes:
+        raise LandmarkError(source, "folder holds no volumes (.nii.gz, .nii, .nrrd, .mha, DICOM series)")
+    return volumes
 
 
 def list_volumes(folder: Path) -> list[Path]:
@@ -86,7 +103,9 @@ def _from_manifest(manifest: Path) -> list[Case]:
         if name in names:
             raise LandmarkError(manifest, f"line {line}: case name '{name}' appears twice")
         names.add(name)
-        cases.append(Case(name, image, landmarks, split, (row.get("group") or "").strip()))
+        extra = tuple((manifest.parent / p.strip()).resolve() for p in (row.get("extra_images") or "").split(";")
+                      if p.strip())
+        cases.append(Case(name, image, landmarks, split, (row.get("group") or "").strip(), extra))
     return cases
 
 

@@ -1,18 +1,26 @@
-"""Detection: a model and a volume in, every landmark of the schema out, in RAS mm."""
+"""Detection: every forward pass of a model over a volume, with or without test-time noise injection,
+and the loop over many volumes that the CLI and Scripts/batch_detect.py share.
+
+A model that carries a reference (align.py) first aligns the scan to it; the network then sees the head
+in the reference frame, and its predictions map back into the scan exactly.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .align import AlignedGrid, Alignment, align
 from .errors import LandmarkError
 from .io import atomic_write_text, landmarks_csv_text, read_volume, stem, write_markups_json
 from .modelfile import LandmarkModel
-from .preprocess import prepare
+from .preprocess import model_grid, normalize_intensity, resample_to_grid
+from .uncertainty import Uncertainty, summarize_samples, write_uncertainty
 
 
 @dataclass
@@ -29,28 +37,84 @@ class Detection:
     name: str
     landmarks_ras: np.ndarray  # (K, 3); with uncertainty, the mean of the passes
     source: Path | None = None
-    uncertainty: object = None  # uncertainty.Uncertainty when requested
+    uncertainty: Uncertainty | None = None  # when requested
+    alignment: Alignment | None = None  # for models that align scans first
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.alignment is not None and self.alignment.out_of_distribution
+
+    def flagged(self, flag_mm: float) -> np.ndarray:
+        """Which landmarks are flagged: an ellipsoid larger than ``flag_mm``, or every landmark of an
+        out-of-distribution input."""
+        flags = np.zeros(len(self.landmarks_ras), bool)
+        if self.uncertainty is not None:
+            flags |= self.uncertainty.max_semi_axis() > flag_mm
+        return flags | self.out_of_distribution
 
 
-def predict_indices(model: LandmarkModel, batch: torch.Tensor) -> torch.Tensor:
-    """(B, K, 3) voxel indices of the landmarks in the model's input grid, for a (B, 1, D, H, W) batch."""
-    network = model.network
-    if hasattr(network, "predict_indices"):
-        return network.predict_indices(batch)
-    from .heatmaps import soft_argmax, spatial_softmax
-    return soft_argmax(spatial_softmax(network(batch)))
+@dataclass
+class ModelInput:
+    array: np.ndarray  # (D, H, W) float32, normalised
+    grid: object  # geometry.Grid or align.AlignedGrid: ``to_ras(ijk)`` gives scan RAS
+    alignment: Alignment | None = None
+
+    def tensor(self, device) -> torch.Tensor:
+        return torch.from_numpy(self.array)[None, None].to(device)
 
 
-def detect_image(model: LandmarkModel, image: sitk.Image, device: torch.device) -> np.ndarray:
-    """The (K, 3) RAS landmarks of one volume."""
+def model_input(model: LandmarkModel, image: sitk.Image) -> ModelInput:
+    """The network's input for ``image``: resampled into the model's grid (after alignment to the model's
+    reference, for models that carry one) and intensity-normalised."""
+    geometry = model.config.geometry
+    if model.reference is None:
+        grid = model_grid(image, geometry)
+        return ModelInput(normalize_intensity(resample_to_grid(image, grid), geometry.percentiles), grid)
+    alignment = align(image, model.reference, model.region)
+    grid = model_grid(None, geometry)
+    array = normalize_intensity(resample_to_grid(image, grid, alignment.sitk_transform()), geometry.percentiles)
+    return ModelInput(array, AlignedGrid(grid, alignment), alignment)
+
+
+def predict(model: LandmarkModel, x: torch.Tensor, device) -> torch.Tensor:
+    """(B, K, 3) voxel indices for an input batch (B, 1, D, H, W), in eval mode (mixed precision on CUDA)."""
     device = torch.device(device)
-    array, grid = prepare(image, model.config.geometry)
     model.network.eval()
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-        indices = predict_indices(model, torch.from_numpy(array)[None, None].to(device))
-    return grid.to_ras(indices[0].float().cpu().numpy().astype(np.float64))
+        return model.network.predict_indices(x)
 
 
+def detect_image(model: LandmarkModel, image: sitk.Image, device) -> np.ndarray:
+    """The (K, 3) RAS landmarks of one volume."""
+    return detect_volume(model, image, device, "").landmarks_ras
+
+
+def sample_passes(model: LandmarkModel, prepared: ModelInput, device, options: UncertaintyOptions) -> Uncertainty:
+    """Test-time noise injection: ``options.passes`` stochastic passes, summarised per landmark."""
+    generator = torch.Generator().manual_seed(options.seed)
+    model.network.eval()
+    with torch.inference_mode():
+        indices = model.network.sample_indices(prepared.tensor(device), options.passes, generator, options.shift_mm)
+    samples = prepared.grid.to_ras(indices[:, 0].double().cpu().numpy())
+    return summarize_samples(samples, options.level, model.config.uncertainty_scale)
+
+
+def detect_volume(model: LandmarkModel, image: sitk.Image, device, name: str,
+                  uncertainty: UncertaintyOptions | None = None, source: Path | None = None) -> Detection:
+    prepared = model_input(model, image)
+    if uncertainty is None or uncertainty.passes <= 0:
+        indices = predict(model, prepared.tensor(device), device)
+        landmarks = prepared.grid.to_ras(indices[0].float().cpu().numpy().astype(np.float64))
+        return Detection(name, landmarks, source, None, prepared.alignment)
+    result = sample_passes(model, prepared, device, uncertainty)
+    return Detection(name, result.mean, source, result, prepared.alignment)
+
+
+def detect_path(model: LandmarkModel, path: Path, device, uncertainty: UncertaintyOptions | None = None) -> Detection:
+    return detect_volume(model, read_volume(path), device, stem(path), uncertainty, path)
+
+
+# ------------------------------------------------------------------------------------------------ output
 def output_paths(output_dir: Path, name: str, uncertainty: bool = False) -> dict[str, Path]:
     paths = {"markups": output_dir / f"{name}.mrk.json", "csv": output_dir / f"{name}.csv"}
     if uncertainty:
@@ -70,49 +134,41 @@ def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path
         source = detection.source.resolve()
         if any(p.resolve() == source for p in paths.values()):
             raise LandmarkError(detection.source, "output would overwrite the input")
+    options = options or UncertaintyOptions()
     extra_columns = dict(extra_columns or {})
     if detection.uncertainty is not None:
-        from .uncertainty import write_uncertainty
-
-        options = options or UncertaintyOptions()
-        semi = detection.uncertainty.max_semi_axis()
-        extra_columns.update(max_semi_axis_mm=semi, flagged=(semi > options.flag_mm).astype(int))
-        method = "finest-crop shifts" if model.config.architecture == "locnet" else "Monte Carlo dropout"
-        write_uncertainty(output_dir / detection.name, model, detection.uncertainty, options.flag_mm,
-                          options.passes, method)
+        extra_columns.update(max_semi_axis_mm=detection.uncertainty.max_semi_axis())
+    if detection.uncertainty is not None or detection.alignment is not None:
+        extra_columns.update(flagged=detection.flagged(options.flag_mm).astype(int))
+    if detection.uncertainty is not None:
+        write_uncertainty(output_dir / detection.name, model.schema, detection.uncertainty, options.flag_mm,
+                          options.passes, model.network.uncertainty_method, model.config.uncertainty_scale,
+                          detection.flagged(options.flag_mm))
     write_markups_json(paths["markups"], model.schema, detection.landmarks_ras, name=f"{detection.name} landmarks")
     atomic_write_text(paths["csv"], landmarks_csv_text(model.schema, detection.landmarks_ras, extra_columns))
     return paths
 
 
-def input_volumes(source: str | Path) -> list[Path]:
-    """A volume file, a DICOM series folder, or a folder of volumes."""
-    from .data import list_volumes
-
-    source = Path(source)
-    if not source.exists():
-        raise LandmarkError(source, "input does not exist")
-    if source.is_file():
-        return [source]
-    if any(p.suffix.lower() == ".dcm" for p in source.iterdir()):
-        return [source]
-    volumes = list_volumes(source)
-    if not volumes:
-        raise LandmarkError(source, "folder holds no volumes (.nii.gz, .nii, .nrrd, .mha, DICOM series)")
-    return volumes
+def detection_summary(model: LandmarkModel, detection: Detection, options: UncertaintyOptions) -> str:
+    """One line for people: how many landmarks, how many flagged, and any out-of-distribution warning."""
+    text = f"{len(model.schema)} landmarks"
+    if detection.uncertainty is not None or detection.out_of_distribution:
+        text += f", {int(detection.flagged(options.flag_mm).sum())} flagged uncertain"
+    if detection.out_of_distribution:
+        text += (f"; warning: does not look like the head MRI the model knows (out-of-distribution score "
+                 f"{1 - detection.alignment.similarity:.2f}); every landmark is flagged")
+    return text
 
 
-def detect_volume(model: LandmarkModel, image: sitk.Image, device: torch.device, name: str,
-                  uncertainty: UncertaintyOptions | None = None, source: Path | None = None) -> Detection:
-    if uncertainty is None or uncertainty.passes <= 0:
-        return Detection(name, detect_image(model, image, device), source)
-    from .uncertainty import detect_with_uncertainty
-
-    result = detect_with_uncertainty(model, image, device, uncertainty.passes, uncertainty.shift_mm,
-                                     uncertainty.level, uncertainty.seed)
-    return Detection(name, result.mean, source, result)
-
-
-def detect_path(model: LandmarkModel, path: Path, device: torch.device,
-                uncertainty: UncertaintyOptions | None = None) -> Detection:
-    return detect_volume(model, read_volume(path), device, stem(path), uncertainty, path)
+def detect_many(model: LandmarkModel, volumes: list[Path], output_dir: Path, device,
+                options: UncertaintyOptions | None = None, overwrite: bool = False) -> Iterator:
+    """Detect and write every volume; a failing volume is reported and the others go on. Yields
+    (volume, detection or None, error or None) as each finishes."""
+    for volume in volumes:
+        try:
+            detection = detect_path(model, volume, device, options)
+            write_detection(model, detection, output_dir, overwrite, options=options)
+        except LandmarkError as error:
+            yield volume, None, error
+            continue
+        yield volume, detection, None

@@ -25,11 +25,10 @@ from .errors import LandmarkError
 from .geometry import Grid
 from .heatmaps import soft_argmax, spatial_softmax
 from .io import write_volume
+from .align import Alignment
+from .detect import model_input
 from .modelfile import LandmarkModel
-from .preprocess import prepare
 
-# (layer whose activations are explained, module whose output holds the heatmap logits)
-DEFAULT_LAYERS = {"highres3dnet": ("blocks.2.conv2", "head"), "locnet": ("coarse.decode", "coarse_head")}
 TARGETS = ("argmax", "coordinate")
 
 
@@ -41,6 +40,12 @@ class CamResult:
     predicted_ras: np.ndarray  # (K, 3) the model's prediction on this volume
     layer: str
     target: str
+    alignment: Alignment | None = None  # models that align first: ``grid`` lies in the reference frame
+
+    def grid_to_ras(self, ijk: np.ndarray) -> np.ndarray:
+        """Scan RAS of voxel indices of the CAM grid."""
+        ras = self.grid.to_ras(ijk)
+        return ras if self.alignment is None else self.alignment.to_scan(ras)
 
     def volume(self, n: int, reference: sitk.Image, normalize: bool = False) -> sitk.Image:
         """CAM ``n`` resampled into ``reference``'s geometry (origin, spacing, direction kept exactly)."""
@@ -49,7 +54,9 @@ class CamResult:
         image.SetOrigin(self.grid.origin)
         image.SetSpacing(self.grid.spacing)
         image.SetDirection(self.grid.direction)
-        return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        # Resample maps output (scan) points to input (CAM) points: the inverse of reference -> scan.
+        transform = sitk.Transform() if self.alignment is None else self.alignment.sitk_transform().GetInverse()
+        return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
 def _module(network, name: str):
@@ -65,12 +72,12 @@ def compute_gradcam(model: LandmarkModel, image: sitk.Image, landmarks: list[int
     if target not in TARGETS:
         raise LandmarkError(None, f"--target {target}: expected one of {', '.join(TARGETS)}")
     network = model.network.to(device).eval()
-    default_layer, logits_name = DEFAULT_LAYERS[model.config.architecture]
-    layer = layer or default_layer
+    layer, logits_name = layer or network.gradcam_layer, network.gradcam_logits
     landmarks = list(range(len(model.schema))) if landmarks is None else list(landmarks)
-    array, grid = prepare(image, model.config.geometry)
-    x = torch.from_numpy(array)[None, None].to(device)
-    predicted = grid.to_ras(network.predict_indices(x)[0].double().cpu().numpy())
+    prepared = model_input(model, image)
+    x = prepared.tensor(device)
+    predicted = prepared.grid.to_ras(network.predict_indices(x)[0].double().cpu().numpy())
+    grid = prepared.grid.grid if prepared.alignment is not None else prepared.grid
     captured = {}
 
     def make_leaf(_module, _inputs, output):  # the graph starts here: nothing before is kept
@@ -114,7 +121,8 @@ def compute_gradcam(model: LandmarkModel, image: sitk.Image, landmarks: list[int
         for p, r in zip(network.parameters(), requires):
             p.requires_grad_(r)
     layer_grid = _layer_grid(grid, tuple(reversed(activation.shape[2:])))
-    return CamResult(torch.cat(cams).numpy().astype(np.float32), layer_grid, landmarks, predicted, layer, target)
+    return CamResult(torch.cat(cams).numpy().astype(np.float32), layer_grid, landmarks, predicted, layer, target,
+                     prepared.alignment)
 
 
 def _layer_grid(grid: Grid, size) -> Grid:
@@ -129,9 +137,8 @@ def focus_metrics(result: CamResult, radius_mm: float = 10.0) -> list[dict]:
     """Per landmark: the fraction of CAM mass within ``radius_mm`` of the predicted landmark (and, for
     reference, the fraction of the volume there), the distance from the CAM's centre of mass to the
     landmark, and the largest overlap (histogram intersection of normalised CAMs) with another landmark."""
-    grid = result.grid
     k, j, i = np.indices(result.cams.shape[1:])
-    ras = grid.to_ras(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(*result.cams.shape[1:], 3)
+    ras = result.grid_to_ras(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(*result.cams.shape[1:], 3)
     masses = result.cams.reshape(len(result.landmarks), -1).astype(np.float64)
     totals = masses.sum(1, keepdims=True)
     normalised = np.divide(masses, totals, out=np.zeros_like(masses), where=totals > 0)

@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from .errors import LandmarkError
+from .geometry import Grid
 from .io import atomic_write_bytes
 from .models import build_network
 from .preprocess import InputGeometry
@@ -24,6 +27,7 @@ from .schema import Schema, schema_from_dict
 
 FORMAT = "LandmarkDetectionLib.model"
 FORMAT_VERSION = "1"
+REFERENCE_IMAGE, REFERENCE_REGION = "reference/image", "reference/region"
 
 
 @dataclass
@@ -46,25 +50,36 @@ class ModelConfig:
 
 @dataclass
 class LandmarkModel:
-    """A network with everything needed to use it: configuration, schema and provenance."""
+    """A network with everything needed to use it: configuration, schema and provenance, and for models
+    that align scans first (align.py), the reference image and the region alignment weighs."""
 
     network: torch.nn.Module
     config: ModelConfig
     schema: Schema
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    reference: sitk.Image | None = None
+    region: sitk.Image | None = None
 
     @classmethod
-    def create(cls, config: ModelConfig, schema: Schema) -> "LandmarkModel":
-        return cls(build_network(config.architecture, len(schema), config.geometry, **config.network), config, schema)
+    def create(cls, config: ModelConfig, schema: Schema, reference: sitk.Image | None = None,
+               region: sitk.Image | None = None) -> "LandmarkModel":
+        network = build_network(config.architecture, len(schema), config.geometry, **config.network)
+        return cls(network, config, schema, reference=reference, region=region)
 
     def metadata(self) -> dict[str, str]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "config": json.dumps(self.config.to_dict()), "schema": json.dumps(self.schema.to_dict()),
-                "training": json.dumps(self.training), "metrics": json.dumps(self.metrics)}
+        metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "config": json.dumps(self.config.to_dict()), "schema": json.dumps(self.schema.to_dict()),
+                    "training": json.dumps(self.training), "metrics": json.dumps(self.metrics)}
+        if self.reference is not None:
+            metadata["reference"] = json.dumps(Grid.of(self.reference).to_dict())
+        return metadata
 
     def save(self, path: str | Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.network).state_dict().items()}
+        if self.reference is not None:  # small: a 3 mm image in half precision and a byte mask
+            state[REFERENCE_IMAGE] = torch.from_numpy(sitk.GetArrayFromImage(self.reference)).half()
+            state[REFERENCE_REGION] = torch.from_numpy(sitk.GetArrayFromImage(self.region).astype(np.uint8))
         atomic_write_bytes(path, save_tensors(state, metadata=self.metadata()))
 
     def check_schema(self, other: Schema, source: str | Path) -> None:
@@ -104,15 +119,30 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Landmark
         schema = schema_from_dict(json.loads(metadata["schema"]), source=str(path))
         training = json.loads(metadata.get("training", "{}"))
         metrics = json.loads(metadata.get("metrics", "{}"))
+        reference_grid = json.loads(metadata["reference"]) if "reference" in metadata else None
         model = LandmarkModel.create(config, schema)
     except (KeyError, TypeError, ValueError) as error:
         raise LandmarkError(path, f"model metadata is damaged ({error})") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
+        reference = state.pop(REFERENCE_IMAGE, None)
+        region = state.pop(REFERENCE_REGION, None)
         model.network.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0]
         raise LandmarkError(path, f"weights do not match the model's architecture ({first})") from None
+    if (reference is None) != (reference_grid is None) or (reference is None) != (region is None):
+        raise LandmarkError(path, "model metadata is damaged (reference image and its geometry do not match)")
+    if reference is not None:
+        reference, region = _image(reference.float().numpy(), reference_grid), _image(region.numpy(), reference_grid)
     model.network.to(device).eval()
-    return LandmarkModel(model.network, config, schema, training, metrics)
+    return LandmarkModel(model.network, config, schema, training, metrics, reference, region)
+
+
+def _image(array: np.ndarray, grid: dict) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(tuple(grid["origin"]))
+    image.SetSpacing(tuple(grid["spacing"]))
+    image.SetDirection(tuple(grid["direction"]))
+    return image

@@ -22,14 +22,21 @@ class InputGeometry:
     spacing: tuple[float, float, float] = (1.0, 1.0, 2.2)  # mm
     # Intensity normalisation: percentiles of the non-background voxels mapped to 0 and 1.
     percentiles: tuple[float, float] = field(default=(0.5, 99.5))
+    # Models that align scans first: the grid's centre in the reference frame (None: the scan's centre).
+    center_ras: tuple[float, float, float] | None = None
 
     def to_dict(self) -> dict:
-        return {"size": list(self.size), "spacing": list(self.spacing), "percentiles": list(self.percentiles)}
+        data = {"size": list(self.size), "spacing": list(self.spacing), "percentiles": list(self.percentiles)}
+        if self.center_ras is not None:
+            data["center_ras"] = list(self.center_ras)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "InputGeometry":
+        center = data.get("center_ras")
         return cls(tuple(int(n) for n in data["size"]), tuple(float(s) for s in data["spacing"]),
-                   tuple(float(p) for p in data.get("percentiles", (0.5, 99.5))))
+                   tuple(float(p) for p in data.get("percentiles", (0.5, 99.5))),
+                   None if center is None else tuple(float(c) for c in center))
 
     @property
     def shape_dhw(self) -> tuple[int, int, int]:
@@ -37,8 +44,10 @@ class InputGeometry:
         return tuple(reversed(self.size))
 
 
-def model_grid(image: sitk.Image, geometry: InputGeometry, center_ras=None) -> Grid:
-    center = physical_center_ras(image) if center_ras is None else np.asarray(center_ras, dtype=float)
+def model_grid(image: sitk.Image | None, geometry: InputGeometry, center_ras=None) -> Grid:
+    if center_ras is None:
+        center_ras = geometry.center_ras if geometry.center_ras is not None else physical_center_ras(image)
+    center = np.asarray(center_ras, dtype=float)
     return centered_grid(center, geometry.size, geometry.spacing)
 
 

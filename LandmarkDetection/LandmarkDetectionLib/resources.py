@@ -1,8 +1,11 @@
-"""Where the extension-wide Resources/ folder is, in a source checkout, a pip install or Slicer."""
+"""Where the extension-wide Resources/ folder is, in a source checkout, a pip install or Slicer, and the
+models bundled in it."""
 
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
+# The model bundled for each schema (Resources/Models); the first is the default.
+BUNDLED_MODELS = {"afids-32": "Models/afids32-demo.safetensors"}
 
 
 def resources_dir() -> Path:
@@ -12,3 +15,13 @@ def resources_dir() -> Path:
         if (candidate / "Schemas").is_dir():
             return candidate
     raise FileNotFoundError(f"Resources/Schemas not found beside {_HERE}")
+
+
+def bundled_model_path(schema: str | None = None) -> Path:
+    """The bundled model for ``schema`` (default: the first bundled model)."""
+    name = schema or next(iter(BUNDLED_MODELS))
+    if name not in BUNDLED_MODELS:
+        from .errors import LandmarkError
+
+        raise LandmarkError(name, f"no bundled model for this schema; bundled: {', '.join(BUNDLED_MODELS)}")
+    return resources_dir() / BUNDLED_MODELS[name]

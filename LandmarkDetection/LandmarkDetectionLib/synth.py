@@ -274,3 +274,50 @@ def _cut_field_of_view(array: np.ndarray, grid: Grid, landmarks_ras: np.ndarray,
         level = int(rng.uniform(0, max(1, index.min() - margin)))
         array[:level] = array.min()
     return array
+
+
+# ---------------------------------------------------------------------------------------- training data
+def reference_geometry(landmarks_ras: np.ndarray, spacing, margin_mm: float = 32.0, multiple: int = 16):
+    """The model's input grid in the reference frame: the landmarks' bounding box grown by ``margin_mm``,
+    a multiple of ``multiple`` voxels per axis (for the networks' pooling)."""
+    from .preprocess import InputGeometry
+
+    points = np.asarray(landmarks_ras, float)
+    points = points[np.isfinite(points).all(1)]
+    low, high = points.min(0), points.max(0)
+    spacing = np.asarray(spacing, float)
+    size = [int(np.ceil((h - l + 2 * margin_mm) / s / multiple) * multiple) for l, h, s in zip(low, high, spacing)]
+    return InputGeometry(tuple(size), tuple(float(s) for s in spacing), center_ras=tuple(float(c) for c in (low + high) / 2))
+
+
+class SynthesisDataset(torch.utils.data.Dataset):
+    """Synthetic samples drawn from the source cases, ``length`` per epoch, each from a generator seeded by
+    (seed, epoch, index): reproducible whatever the number of DataLoader workers, and a resumed run draws
+    what the killed run would have drawn. Items as LandmarkDataset's: image (1, D, H, W), target indices
+    (K, 3), mask (K,), index-to-RAS matrix (of the reference frame)."""
+
+    def __init__(self, sources: list[SourceCase], geometry, mirror: list[int], config: SynthesisConfig,
+                 seed: int, length: int, cache: bool = False):
+        from .preprocess import model_grid
+
+        self.sources, self.mirror, self.config, self.seed, self.length = sources, mirror, config, seed, length
+        self.grid = model_grid(None, geometry)
+        self.epoch, self.cache = 0, {} if cache else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        rng = np.random.default_rng([self.seed, 0 if self.cache is not None else self.epoch, index])
+        source = self.sources[index % len(self.sources)]
+        array, target, usable = synthesize(source, self.grid, self.mirror, self.config, rng)
+        item = (torch.from_numpy(array)[None], torch.from_numpy(target).float(), torch.from_numpy(usable),
+                torch.from_numpy(self.grid.index_to_ras).float())
+        if self.cache is not None:
+            self.cache[index] = item
+        return item

@@ -26,12 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 
 from .data import LandmarkDataset, discover_cases, split_cases
-from .detect import predict_indices
+from .detect import predict
 from .errors import LandmarkError
 from .io import atomic_write_bytes, atomic_write_text, check_writable_dir, read_landmarks
 from .losses import LOSSES
 from .metrics import radial_errors, summarize
 from .modelfile import LandmarkModel, ModelConfig
+from .models import architecture_class
 from .preprocess import InputGeometry
 from .runtime import Progress, pick_device
 from .schema import load_schema
@@ -40,8 +41,8 @@ CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "model.safetensors"
 # Options that must not change between a run and its --resume.
 _FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "scales_mm", "patch_sizes",
-                    "size", "spacing", "loss",
-                    "alpha", "sigma_mm", "lr", "batch_size", "seed", "val_fraction", "test_fraction", "augment")
+                    "size", "spacing", "loss", "alpha", "sigma_mm", "lr", "batch_size", "seed", "val_fraction",
+                    "test_fraction", "augment", "synthesis", "samples_per_epoch")
 
 
 @dataclass
@@ -71,19 +72,20 @@ class TrainOptions:
     amp: bool = True
     workers: int = 0
     augment: str = ""  # augmentation policy set ("" = none); see augment.py
+    # Generalising recipe (synth.py, align.py): synthetic appearance and anatomy drawn from the training
+    # cases in a reference frame; the model carries the reference and aligns every scan to it first.
+    synthesis: str = ""  # "" = off, "default", or a synthesis JSON file
+    samples_per_epoch: int = 100  # with synthesis
     resume: bool = False
     progress: str = "bar"
     extra_metadata: dict = field(default_factory=dict)
 
-    def model_config(self) -> ModelConfig:
-        if self.architecture == "locnet":
-            network = {"channels": list(self.channels), "scales_mm": list(self.scales_mm),
-                       "patch_sizes": list(self.patch_sizes)}
-        else:
-            network = {"channels": list(self.channels), "blocks_per_stage": self.blocks_per_stage,
-                       "dropout": self.dropout}
-        return ModelConfig(self.architecture, network, InputGeometry(tuple(self.size), tuple(self.spacing)),
-                           self.sigma_mm)
+    def model_config(self, geometry: InputGeometry | None = None) -> ModelConfig:
+        """The architecture's own options (those it declares) and the input grid."""
+        names = architecture_class(self.architecture).default_options
+        network = {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in names}
+        geometry = geometry or InputGeometry(tuple(self.size), tuple(self.spacing))
+        return ModelConfig(self.architecture, network, geometry, self.sigma_mm)
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -122,16 +124,20 @@ def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Pat
     if not splits["train"]:
         raise LandmarkError(options.dataset, "no training cases after the train/val/test split")
 
-    config = options.model_config()
-    torch.manual_seed(options.seed)
-    model = LandmarkModel.create(config, schema)
+    if options.synthesis:
+        model, train_set, val_set = _synthesis_setup(options, schema, splits)
+        config = model.config
+    else:
+        config = options.model_config()
+        torch.manual_seed(options.seed)
+        model = LandmarkModel.create(config, schema)
+        augmentation = None
+        if options.augment:
+            from .augment import load_policies  # the realistic MRI augmentation of issue 3
+            augmentation = load_policies(options.augment)
+        train_set = LandmarkDataset(splits["train"], schema, config.geometry, augmentation, options.seed)
+        val_set = LandmarkDataset(splits["val"] or splits["train"], schema, config.geometry)
     model.network.to(device)
-    augmentation = None
-    if options.augment:
-        from .augment import load_policies  # the realistic MRI augmentation of issue 3
-        augmentation = load_policies(options.augment)
-    train_set = LandmarkDataset(splits["train"], schema, config.geometry, augmentation, options.seed)
-    val_set = LandmarkDataset(splits["val"] or splits["train"], schema, config.geometry)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=options.seed, drop_last=False)
     loader = torch.utils.data.DataLoader(train_set, batch_size=options.batch_size, sampler=sampler,
@@ -225,7 +231,45 @@ def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Pat
     return output / BEST_MODEL
 
 
-def _validate(model: LandmarkModel, dataset: LandmarkDataset, device) -> dict:
+def _synthesis_setup(options: TrainOptions, schema, splits):
+    """The generalising recipe: the first training case is the reference frame (its 3 mm copy and the
+    landmark region go into the model file); every case is aligned to it, split into tissue classes, and
+    drawn from by synth.py. Validation: a fixed set of synthetic samples from the validation cases (or,
+    with one case, from the training case with other seeds)."""
+    from .align import align, landmark_region, make_reference
+    from .io import read_volume
+    from .synth import SourceCase, SynthesisConfig, SynthesisDataset, reference_geometry
+
+    synthesis = SynthesisConfig.load(options.synthesis)
+    first = splits["train"][0]
+    first_image = read_volume(first.image)
+    first_landmarks = read_landmarks(first.landmarks, schema)
+    reference = make_reference(first_image)
+    region = landmark_region(reference, first_landmarks)
+    geometry = reference_geometry(first_landmarks, options.spacing)
+
+    def sources(cases):
+        result = []
+        for case in cases:
+            image = first_image if case == first else read_volume(case.image)
+            to_case = np.eye(4) if case == first else align(image, reference, region).matrix
+            images = [image] + [read_volume(p) for p in case.extra_images]
+            result.append(SourceCase.from_images(images, read_landmarks(case.landmarks, schema),
+                                                 synthesis.classes, to_case))
+        return result
+
+    train_sources = sources(splits["train"])
+    val_sources = sources(splits["val"]) if splits["val"] else train_sources
+    torch.manual_seed(options.seed)
+    model = LandmarkModel.create(options.model_config(geometry), schema, reference, region)
+    mirror = schema.mirror_indices()
+    train_set = SynthesisDataset(train_sources, geometry, mirror, synthesis, options.seed, options.samples_per_epoch)
+    val_set = SynthesisDataset(val_sources, geometry, mirror, synthesis, options.seed + 1_000_003,
+                               max(8, 4 * len(val_sources)), cache=True)
+    return model, train_set, val_set
+
+
+def _validate(model: LandmarkModel, dataset, device) -> dict:
     """Radial errors in mm of the current network on a dataset (eval mode), summarised."""
     was_training = model.network.training
     model.network.eval()
@@ -233,7 +277,7 @@ def _validate(model: LandmarkModel, dataset: LandmarkDataset, device) -> dict:
     with torch.inference_mode():
         for index in range(len(dataset)):
             image, target, mask, index_to_ras = dataset[index]
-            pred = predict_indices(model, image[None].to(device))[0].float().cpu()
+            pred = predict(model, image[None].to(device), device)[0].float().cpu()
             matrix = index_to_ras.double()
             pred_ras = pred.double() @ matrix[:3, :3].T + matrix[:3, 3]
             true_ras = target.double() @ matrix[:3, :3].T + matrix[:3, 3]
@@ -241,6 +285,7 @@ def _validate(model: LandmarkModel, dataset: LandmarkDataset, device) -> dict:
             errors.append(np.where(mask.numpy(), error, np.nan))
     model.network.train(was_training)
     return summarize(np.concatenate(errors))
+
 
 
 def _evaluate_test_split(model_path: Path, cases, device) -> None:

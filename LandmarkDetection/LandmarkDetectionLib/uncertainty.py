@@ -1,10 +1,10 @@
-"""Test-time uncertainty: N stochastic passes per volume, summarised per landmark as a mean, a 3x3
-covariance (RAS mm^2) and a confidence ellipsoid at a chosen level (chi-square, 3 degrees of freedom).
+"""Test-time uncertainty, statistics and files: N stochastic passes per volume (run by detect.py)
+summarised per landmark as a mean, a 3x3 covariance (RAS mm^2) and a confidence ellipsoid at a chosen
+level (chi-square, 3 degrees of freedom); coverage; the recalibration factor; the uncertainty files.
 
-``locnet`` shifts the centres of its finest crops by uniform random offsets (default +-5 mm, Ma et al.);
-``highres3dnet`` uses Monte Carlo dropout. Passes are batched and only the noisy stage repeats. A
-model may carry ``uncertainty_scale``, a covariance factor fitted on validation data by ``calibrate``
-so that a 90% ellipsoid holds the truth 90% of the time.
+A model may carry ``uncertainty_scale``, a covariance factor fitted on validation data by ``calibrate``
+so that a 90% ellipsoid holds the truth 90% of the time. Imports no torch: Slicer reads these files
+before its dependencies are installed.
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 from scipy.stats import chi2
 
 from .io import atomic_write_text
 
-if TYPE_CHECKING:  # reading results (in Slicer, before torch is needed) must not import torch
-    import torch
-
-    from .modelfile import LandmarkModel
+if TYPE_CHECKING:
+    from .schema import Schema
 
 
 @dataclass
@@ -46,6 +43,10 @@ class Uncertainty:
     def mahalanobis_squared(self, truth_ras: np.ndarray) -> np.ndarray:
         d = np.asarray(truth_ras, float) - self.mean
         return np.einsum("ki,kij,kj->k", d, np.linalg.pinv(self.covariance), d)
+
+    def covers(self, truth_ras: np.ndarray) -> np.ndarray:
+        """Per landmark: whether the truth lies inside its ellipsoid at this level."""
+        return self.mahalanobis_squared(truth_ras) <= chi2.ppf(self.level, 3)
 
 
 def ellipsoid(covariance: np.ndarray, level: float = 0.9):
@@ -67,47 +68,24 @@ def summarize_samples(samples_ras: np.ndarray, level: float = 0.9, scale: float 
     return Uncertainty(mean, covariance * scale, level, samples)
 
 
-def random_shifts(passes: int, shift_mm: float, generator: "torch.Generator") -> "torch.Tensor":
-    import torch
-
-    return (torch.rand((passes, 3), generator=generator, dtype=torch.float64) * 2 - 1) * shift_mm
-
-
-def detect_with_uncertainty(model: "LandmarkModel", image: sitk.Image, device, passes: int = 50,
-                            shift_mm: float = 5.0, level: float = 0.9, seed: int = 0) -> Uncertainty:
-    import torch
-
-    from .preprocess import prepare
-
-    array, grid = prepare(image, model.config.geometry)
-    network = model.network.eval()
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(array)[None, None].to(device)
-    with torch.inference_mode():
-        if model.config.architecture == "locnet":
-            indices = network.sample_indices(x, random_shifts(passes, shift_mm, generator).float())
-        else:
-            indices = network.sample_indices(x, passes, generator)
-    samples = grid.to_ras(indices[:, 0].double().cpu().numpy())
-    return summarize_samples(samples, level, model.config.uncertainty_scale)
-
-
-def uncertainty_records(model: "LandmarkModel", result: Uncertainty, flag_mm: float) -> list[dict]:
+def uncertainty_records(schema: "Schema", result: Uncertainty, flagged: np.ndarray) -> list[dict]:
     records = []
-    for k, (lm, (semi, axes)) in enumerate(zip(model.schema.landmarks, result.ellipsoids())):
+    for k, (lm, (semi, axes)) in enumerate(zip(schema.landmarks, result.ellipsoids())):
         records.append({"name": lm.name, "sub_anatomy": lm.sub_anatomy, "mean_ras": result.mean[k].tolist(),
                         "covariance_ras": result.covariance[k].tolist(), "semi_axes_mm": semi.tolist(),
-                        "axes_ras": axes.T.tolist(), "flagged": bool(semi[0] > flag_mm)})
+                        "axes_ras": axes.T.tolist(), "flagged": bool(flagged[k])})
     return records
 
 
-def write_uncertainty(path_stem: Path, model: "LandmarkModel", result: Uncertainty, flag_mm: float,
-                      passes: int, method: str) -> dict[str, Path]:
-    """NAME.uncertainty.json (everything) and NAME.uncertainty.csv (one row per landmark, flagged first)."""
-    records = uncertainty_records(model, result, flag_mm)
+def write_uncertainty(path_stem: Path, schema: "Schema", result: Uncertainty, flag_mm: float, passes: int,
+                      method: str, recalibration_scale: float, flagged: np.ndarray | None = None) -> dict[str, Path]:
+    """NAME.uncertainty.json (everything) and NAME.uncertainty.csv (one row per landmark, flagged first).
+    A landmark is flagged when its ellipsoid exceeds ``flag_mm`` or ``flagged`` says so."""
+    flags = result.max_semi_axis() > flag_mm if flagged is None else np.asarray(flagged, bool)
+    records = uncertainty_records(schema, result, flags)
     document = {"format": "LandmarkDetectionLib.uncertainty", "version": 1, "coordinate_system": "RAS",
                 "level": result.level, "passes": passes, "method": method, "flag_mm": flag_mm,
-                "recalibration_scale": model.config.uncertainty_scale, "landmarks": records}
+                "recalibration_scale": recalibration_scale, "landmarks": records}
     paths = {"json": Path(f"{path_stem}.uncertainty.json"), "csv": Path(f"{path_stem}.uncertainty.csv")}
     atomic_write_text(paths["json"], json.dumps(document, indent=1))
     out = _io.StringIO()

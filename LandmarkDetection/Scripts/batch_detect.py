@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(argv=None) -> int:
-    from LandmarkDetectionLib.demo import demo_model_path
-    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_path, input_volumes, write_detection
+    from LandmarkDetectionLib.data import input_volumes
+    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_many, detection_summary
     from LandmarkDetectionLib.errors import LandmarkError
     from LandmarkDetectionLib.io import check_writable_dir
     from LandmarkDetectionLib.modelfile import load_model
+    from LandmarkDetectionLib.resources import bundled_model_path
     from LandmarkDetectionLib.runtime import pick_device
 
     parser = argparse.ArgumentParser(prog="batch_detect.py", description=__doc__.splitlines()[0])
@@ -37,7 +38,7 @@ def run(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
-        model = load_model(args.model or demo_model_path(), device)
+        model = load_model(args.model or bundled_model_path(), device)
         volumes = input_volumes(args.input)
         output = check_writable_dir(args.output)
     except (LandmarkError, ValueError) as error:
@@ -46,17 +47,15 @@ def run(argv=None) -> int:
     options = UncertaintyOptions(passes=args.uncertainty)
     failed = 0
     started = time.monotonic()
-    for volume in volumes:
-        t0 = time.monotonic()
-        try:
-            detection = detect_path(model, volume, device, options)
-            write_detection(model, detection, output, args.overwrite, options=options)
-            flagged = "" if detection.uncertainty is None else \
-                f", {int((detection.uncertainty.max_semi_axis() > options.flag_mm).sum())} flagged"
-            print(f"ok     {volume.name}: {len(model.schema)} landmarks{flagged} ({time.monotonic() - t0:.1f} s)", flush=True)
-        except LandmarkError as error:
+    t0 = time.monotonic()
+    for volume, detection, error in detect_many(model, volumes, output, device, options, args.overwrite):
+        if error is not None:
             failed += 1
             print(f"FAILED {volume.name}: {error}", flush=True)
+        else:
+            print(f"ok     {volume.name}: {detection_summary(model, detection, options)} "
+                  f"({time.monotonic() - t0:.1f} s)", flush=True)
+        t0 = time.monotonic()
     print(f"{len(volumes) - failed} of {len(volumes)} volume(s) succeeded in {time.monotonic() - started:.1f} s; "
           f"results in {output}")
     return 0 if failed == 0 else 1

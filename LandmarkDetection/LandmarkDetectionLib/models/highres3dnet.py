@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..heatmaps import soft_argmax, spatial_softmax
 from ..losses import landmark_loss
+from .base import LandmarkNetwork
 
 
 class ResidualBlock(nn.Module):
@@ -36,7 +37,11 @@ class ResidualBlock(nn.Module):
         return out + (x if self.project is None else self.project(x))
 
 
-class HighRes3DNet(nn.Module):
+class HighRes3DNet(LandmarkNetwork):
+    default_options = {"channels": (16, 32, 64), "blocks_per_stage": 3, "dropout": 0.1}
+    gradcam_layer, gradcam_logits = "blocks.2.conv2", "head"
+    uncertainty_method = "Monte Carlo dropout"
+
     def __init__(self, num_landmarks: int, channels=(16, 32, 64), blocks_per_stage: int = 3,
                  dilations=(1, 2, 4), dropout: float = 0.1, in_channels: int = 1):
         super().__init__()
@@ -79,7 +84,8 @@ class HighRes3DNet(nn.Module):
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
-    def sample_indices(self, x, passes: int, generator: torch.Generator | None = None, chunk: int = 8):
+    def sample_indices(self, x, passes: int, generator: torch.Generator | None = None, shift_mm: float = 0.0,
+                       chunk: int = 8):
         """Monte Carlo dropout: (N, B, K, 3) indices from ``passes`` dropout masks on the trunk features.
         The trunk runs once; only dropout and the 1x1x1 head (the part that sees the noise) repeat."""
         if self.dropout <= 0:

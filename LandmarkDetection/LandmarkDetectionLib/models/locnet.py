@@ -20,6 +20,7 @@ from torch import nn
 
 from ..heatmaps import soft_argmax, spatial_softmax
 from ..losses import landmark_loss
+from .base import LandmarkNetwork
 
 
 def _conv(in_channels, out_channels):
@@ -43,8 +44,11 @@ class UNetBlock(nn.Module):
         return self.decode(torch.cat([skip, up], dim=1))
 
 
-class LocNet(nn.Module):
+class LocNet(LandmarkNetwork):
+    default_options = {"channels": (16, 16, 12), "scales_mm": (4.0, 2.0, 1.0), "patch_sizes": (24, 16)}
     needs_geometry = True
+    gradcam_layer, gradcam_logits = "coarse.decode", "coarse_head"
+    uncertainty_method = "finest-crop shifts"
     inference_chunk = 128  # patches per batch at inference
 
     def __init__(self, num_landmarks: int, input_size, input_spacing, scales_mm=(4.0, 2.0, 1.0),
@@ -151,11 +155,17 @@ class LocNet(nn.Module):
     def predict_indices(self, x):
         return self.forward(x)[-1][1] / self.spacing
 
+    def sample_indices(self, x, passes, generator, shift_mm):
+        """Test-time noise injection (Ma et al.): each pass shifts the finest crops by a uniform random
+        offset of up to ``shift_mm`` per axis."""
+        shifts = (torch.rand((passes, 3), generator=generator, dtype=torch.float64) * 2 - 1) * shift_mm
+        return self.shifted_indices(x, shifts.float())
+
     @torch.no_grad()
-    def sample_indices(self, x, shifts_mm):
-        """Test-time noise injection: (N, B, K, 3) indices, pass n shifting the finest crops by
-        ``shifts_mm[n]`` ((N, K, 3) or (N, 3) mm). Earlier stages run once; the finest stage runs on
-        all N x K shifted patches, batched ``inference_chunk`` patches at a time."""
+    def shifted_indices(self, x, shifts_mm):
+        """(N, B, K, 3) indices, pass n shifting the finest crops by ``shifts_mm[n]`` ((N, K, 3) or (N, 3)
+        mm). Earlier stages run once; the finest stage runs on all N x K shifted patches, batched
+        ``inference_chunk`` patches at a time."""
         estimate = self.coarse_stage(x)[1]
         last = len(self.scales_mm) - 1
         for stage in range(1, last):

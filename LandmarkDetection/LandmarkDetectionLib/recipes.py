@@ -1,0 +1,77 @@
+"""The recipes that train the bundled models from this repository, with fixed seeds, on the sample
+brain (the MNI152NLin2009cAsym T1w and T2w templates with their AFIDs; see sample_data.py).
+
+``afids-32`` is the generalising recipe (align.py + synth.py): one annotated template is enough to
+train a model that is measured on brains it never saw (benchmarks/heldout.py). ``afids-32-poses`` is the
+earlier recipe (24 head positions of the template with DA1-DA4 augmentation), kept for comparison.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from .errors import LandmarkError
+from .io import atomic_write_text
+
+INTENDED_USE = ("Research use only; not for clinical use. Trained on one brain template (MNI152NLin2009cAsym T1w/T2w "
+                "with its AFIDs consensus) with synthetic appearance, anatomy and head positions.")
+
+RECIPES = {
+    "afids-32": dict(schema="afids-32", architecture="locnet", channels=(16, 16, 12), scales_mm=(6.0, 3.0, 1.0),
+                     patch_sizes=(12, 16), spacing=(1.0, 1.0, 1.0), lr=2e-3, loss="mixed", alpha=0.4,
+                     sigma_mm=3.0, patience=12, seed=0, synthesis="default", samples_per_epoch=100, epochs=36,
+                     workers=1),
+    "afids-32-poses": dict(schema="afids-32", architecture="locnet", channels=(12, 12, 8), scales_mm=(6.0, 3.0, 1.5),
+                           patch_sizes=(16, 12), size=(96, 112, 96), spacing=(2.0, 2.0, 2.0), lr=3e-3, loss="mixed",
+                           alpha=0.4, sigma_mm=3.0, val_fraction=0.125, patience=30, seed=0, augment="default",
+                           epochs=60, workers=1),
+}
+TRAINING_DATA = {
+    "afids-32": "MNI152NLin2009cAsym T1w and T2w templates (autoafids 0.1.4) with their AFIDs consensus; "
+                "synthetic tissue intensities, residual poses, left-right flips, smooth deformations, "
+                "scanner artefacts and field-of-view cuts (synth.py)",
+    "afids-32-poses": "MNI152NLin2009cAsym T1w template (autoafids 0.1.4) with its AFIDs consensus, 24 random head "
+                      "positions, DA1-DA4 augmentation",
+}
+
+
+def _sample_manifest(folder: Path) -> Path:
+    """A one-case manifest of the sample: T1w image, T2w as an extra contrast, the AFIDs."""
+    from .sample_data import fetch_sample
+
+    files = fetch_sample()
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image", "landmarks", "extra_images", "split"])
+    writer.writerow([files.t1w, files.afids, files.t2w, "train"])
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "manifest.csv", out.getvalue())
+    return folder / "manifest.csv"
+
+
+def train_bundled_model(work: str | Path, recipe: str = "afids-32", epochs: int | None = None,
+                        workers: int | None = None, device: str = "auto", progress: str = "bar",
+                        resume: bool = False) -> Path:
+    """Train a bundled model from scratch with its fixed seed; returns the model path in ``work``."""
+    from .testscans import build_training_set
+    from .train import TrainOptions, train
+
+    if recipe not in RECIPES:
+        raise LandmarkError(recipe, f"no such recipe; recipes are {', '.join(RECIPES)}")
+    work = Path(work)
+    settings = dict(RECIPES[recipe])
+    settings["epochs"] = epochs or settings["epochs"]
+    settings["workers"] = settings["workers"] if workers is None else workers
+    if resume:
+        dataset = work / "data" / "manifest.csv" if settings.get("synthesis") else work / "data"
+    elif (work / "data").exists():
+        raise LandmarkError(work / "data", "exists; choose an empty work folder (or --resume)")
+    else:
+        dataset = _sample_manifest(work / "data") if settings.get("synthesis") else build_training_set(work / "data")
+    options = TrainOptions(dataset=str(dataset), output=str(work / "run"), device=device, progress=progress,
+                           resume=resume, **settings,
+                           extra_metadata={"recipe": recipe, "training_data": TRAINING_DATA[recipe],
+                                           "intended_use": INTENDED_USE})
+    return train(options)
