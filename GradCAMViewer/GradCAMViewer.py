@@ -4,7 +4,6 @@ process; results are cached volume nodes shown as coloured overlays."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -216,10 +215,10 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
         return [p.stem for p in self.modelPaths(parameters)]
 
     def schema(self, parameters):
-        from LandmarkDetectionLib.modelfile import read_header
+        from LandmarkDetectionLib.modelheader import read_header  # no torch: works before dependencies
         from LandmarkDetectionLib.schema import schema_from_dict
 
-        return schema_from_dict(json.loads(read_header(self.modelPaths(parameters)[0])["schema"]))
+        return schema_from_dict(read_header(self.modelPaths(parameters)[0]).schema)
 
     def start(self, parameters, landmarks, onProgress, onFinished):
         import SimpleITK as sitk

@@ -4,7 +4,6 @@ separate ``PythonSlicer -m LandmarkDetectionLib detect`` process so the GUI neve
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -78,6 +77,9 @@ class DetectionResults:
     markups: list = field(default_factory=list)
     ellipsoids: list = field(default_factory=list)
     table: Optional[object] = None
+    planes: Optional[object] = None  # planes.PlaneSet computed from the landmarks
+    planeNodes: list = field(default_factory=list)
+    acpcTransform: Optional[object] = None  # subject -> AC-PC transform node, for the user to apply
 
 
 class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -105,6 +107,7 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSample)
         self.ui.showEllipsoidsCheckBox.connect("toggled(bool)", self.onShowEllipsoids)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onTableClicked)
+        self.ui.reformatButton.connect("clicked(bool)", self.onReformat)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -189,6 +192,10 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._results = self.logic.finishDetection(process, self._parameterNode)
                 self.ui.resultsTableView.setMRMLTableNode(self._results.table)
                 self.ui.exportButton.enabled = True
+                self.ui.planeComboBox.clear()
+                for name in (self._results.planes.planes if self._results.planes else {}):
+                    self.ui.planeComboBox.addItem(name)
+                self.ui.planeComboBox.enabled = self.ui.reformatButton.enabled = self.ui.planeComboBox.count > 0
                 flagged = sum(1 for i in range(self._results.table.GetNumberOfRows())
                               if self._results.table.GetCellText(i, 6) == "1")
                 self.ui.statusLabel.text = (f"Detected {self._results.table.GetNumberOfRows()} landmarks; "
@@ -217,6 +224,19 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         table = self._results.table
         r, a, s = (float(table.GetCellText(index.row(), column)) for column in (2, 3, 4))
         slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+
+    def onReformat(self) -> None:
+        if self._results is None or self._results.planes is None:
+            return
+        plane = self._results.planes.planes.get(self.ui.planeComboBox.currentText)
+        if plane is None:
+            return
+        from LandmarkDetectionLib.mrml import reformat_slice
+
+        for name in ("Red", "Yellow", "Green"):
+            widget = slicer.app.layoutManager().sliceWidget(name)
+            if widget is not None:
+                reformat_slice(widget.mrmlSliceNode(), plane)
 
     def onExport(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, "Export landmarks to folder")
@@ -302,11 +322,11 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
     def loadResults(self, parameters, outputDir: Path, name: str) -> DetectionResults:
         """Read everything first, then add nodes: a failure leaves the scene unchanged."""
         from LandmarkDetectionLib import mrml
-        from LandmarkDetectionLib.io import read_landmarks
-        from LandmarkDetectionLib.modelfile import read_header
+        from LandmarkDetectionLib.fileio import read_landmarks
+        from LandmarkDetectionLib.modelheader import read_header
         from LandmarkDetectionLib.schema import schema_from_dict
 
-        schema = schema_from_dict(json.loads(read_header(self.modelPath(parameters))["schema"]))
+        schema = schema_from_dict(read_header(self.modelPath(parameters)).schema)
         coords = read_landmarks(outputDir / f"{name}.mrk.json", schema)
         uncertainty = None
         if (outputDir / f"{name}.uncertainty.json").exists():
@@ -325,11 +345,29 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
         results.table = mrml.add_results_table(scene, schema, coords, uncertainty, parameters.flagThresholdMm, folder,
                                                f"{volume.GetName()} landmarks")
         results.schema = schema
+        self.addPlanes(results, schema, coords, uncertainty, volume)
         return results
+
+    @staticmethod
+    def addPlanes(results: DetectionResults, schema, coords, uncertainty, volume) -> None:
+        """Planes from the landmarks (uncertainty from their covariance): plane nodes and, where the schema
+        names AC and PC, the AC-PC transform node. A schema that declares no planes gets none."""
+        from LandmarkDetectionLib import mrml
+        from LandmarkDetectionLib.planes import compute_planes
+
+        if schema.planes is None:
+            return
+        covariance = uncertainty.covariance if uncertainty is not None else None
+        results.planes = compute_planes(schema, coords, covariance)
+        scene = volume.GetScene()
+        results.planeNodes = mrml.add_planes(scene, results.planes, results.folder, prefix=f"{volume.GetName()} ")
+        if results.planes.acpc is not None:
+            results.acpcTransform = mrml.add_acpc_transform(scene, results.planes.acpc,
+                                                            f"{volume.GetName()} to AC-PC", results.folder)
 
     def exportLandmarks(self, results: DetectionResults, parameters, folder: Path) -> list[Path]:
         """The current (possibly corrected) landmark positions as .mrk.json and CSV."""
-        from LandmarkDetectionLib.io import atomic_write_text, landmarks_csv_text, write_markups_json
+        from LandmarkDetectionLib.fileio import atomic_write_text, landmarks_csv_text, write_markups_json
         from LandmarkDetectionLib.mrml import landmarks_from_markups
 
         coords = landmarks_from_markups(results.markups, results.schema)
@@ -368,7 +406,7 @@ class LandmarkDetectionTest(ScriptedLoadableModuleTest):
         self.assertEqual(points, 32)
         self.assertEqual(results.table.GetNumberOfRows(), 32)
         self.assertEqual(len(results.ellipsoids), 32)
-        from LandmarkDetectionLib.io import read_landmarks
+        from LandmarkDetectionLib.fileio import read_landmarks
         from LandmarkDetectionLib.metrics import radial_errors
         from LandmarkDetectionLib.mrml import landmarks_from_markups
         from LandmarkDetectionLib.sample_data import fetch_sample

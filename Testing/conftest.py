@@ -13,7 +13,7 @@ import torch
 
 from LandmarkDetectionLib.geometry import apply_matrix, move_image, rigid_matrix
 from LandmarkDetectionLib.testscans import random_head_position
-from LandmarkDetectionLib.io import read_landmarks, read_volume, write_markups_json, write_volume
+from LandmarkDetectionLib.fileio import read_landmarks, read_volume, write_markups_json, write_volume
 from LandmarkDetectionLib.preprocess import resample_isotropic
 from LandmarkDetectionLib.schema import load_schema
 

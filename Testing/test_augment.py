@@ -137,7 +137,7 @@ def test_offline_augment_command_writes_copies_and_a_manifest(tiny_dataset, tmp_
     import hashlib
 
     from LandmarkDetectionLib.cli import main
-    from LandmarkDetectionLib.io import read_landmarks, read_volume
+    from LandmarkDetectionLib.fileio import read_landmarks, read_volume
 
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_dataset.iterdir()}
     assert main(["augment", "--input", str(tiny_dataset), "--output", str(tmp_path / "aug"), "--copies", "2",

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from LandmarkDetectionLib.cli import main
-from LandmarkDetectionLib.io import read_landmarks, write_landmarks
+from LandmarkDetectionLib.fileio import read_landmarks, write_landmarks
 from LandmarkDetectionLib.train import TrainOptions, train
 from conftest import TINY_TRAIN, make_volume
 

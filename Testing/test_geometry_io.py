@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from LandmarkDetectionLib.errors import LandmarkError
 from LandmarkDetectionLib.geometry import Grid, apply_matrix, centered_grid, move_image, rigid_matrix
-from LandmarkDetectionLib.io import (read_landmarks, read_points, read_volume, write_landmarks,
+from LandmarkDetectionLib.fileio import (read_landmarks, read_points, read_volume, write_landmarks,
                                      write_markups_json, write_volume)
 from conftest import make_volume
 

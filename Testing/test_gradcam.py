@@ -11,7 +11,7 @@ import torch
 
 from LandmarkDetectionLib.cli import main
 from LandmarkDetectionLib.gradcam import compute_gradcam, focus_metrics
-from LandmarkDetectionLib.io import read_volume, write_markups_json, write_volume
+from LandmarkDetectionLib.fileio import read_volume, write_markups_json, write_volume
 from LandmarkDetectionLib.modelfile import load_model
 from LandmarkDetectionLib.schema import load_schema
 from LandmarkDetectionLib.train import TrainOptions, train

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from LandmarkDetectionLib.cli import main
 from LandmarkDetectionLib.geometry import Grid
-from LandmarkDetectionLib.io import read_volume
+from LandmarkDetectionLib.fileio import read_volume
 from LandmarkDetectionLib.train import TrainOptions, train
 from conftest import TINY_TRAIN
 

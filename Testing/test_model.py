@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -6,7 +5,8 @@ import torch
 from LandmarkDetectionLib.errors import LandmarkError
 from LandmarkDetectionLib.heatmaps import gaussian_1d, heatmap_squared_error, soft_argmax, spatial_softmax
 from LandmarkDetectionLib.losses import landmark_loss
-from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig, load_model, read_header
+from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig, load_model
+from LandmarkDetectionLib.modelheader import read_header
 from LandmarkDetectionLib.preprocess import InputGeometry
 
 
@@ -75,7 +75,7 @@ def test_model_file_round_trip_without_pickle(tmp_path, afids32):
     path = tmp_path / "m.safetensors"
     model.save(path)
     header = read_header(path)
-    assert json.loads(header["config"])["geometry"]["spacing"] == [4.0, 4.0, 5.0]
+    assert header.config["geometry"]["spacing"] == [4.0, 4.0, 5.0] and header.schema["name"] == "afids-32"
     loaded = load_model(path)
     assert loaded.schema.names == afids32.names and loaded.metrics["validation"]["mre_mm"] == 1.5
     for key, value in model.network.state_dict().items():

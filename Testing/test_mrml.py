@@ -108,3 +108,47 @@ def test_gradcam_volume_node_has_the_input_geometry(mrml_scene):
     node = mrml.add_gradcam_volume(mrml_scene, image, "AC Grad-CAM")
     assert np.allclose(Grid.of(mrml.volume_to_image(node)).index_to_ras, Grid.of(image).index_to_ras)
     assert node.GetDisplayNode().GetWindowLevelMax() == pytest.approx(float(sitk.GetArrayViewFromImage(image).max()))
+
+
+@pytest.fixture
+def acpc_planes(afids32, sample):
+    from LandmarkDetectionLib.geometry import apply_matrix, rigid_matrix
+    from LandmarkDetectionLib.planes import compute_planes
+
+    _, landmarks, _ = sample
+    motion = rigid_matrix((12, -20, 25), (5, -3, 8))
+    return compute_planes(afids32, apply_matrix(motion, landmarks)), motion
+
+
+def test_plane_nodes_lie_on_the_computed_planes(mrml_scene, acpc_planes):
+    planes, _ = acpc_planes
+    nodes = mrml.add_planes(mrml_scene, planes, prefix="case ")
+    assert len(nodes) == len(planes.planes)
+    for node, plane in zip(nodes, planes.planes.values()):
+        normal = np.zeros(3)
+        node.GetNormalWorld(normal)
+        centre = np.zeros(3)
+        node.GetCenterWorld(centre)
+        assert np.allclose(normal, plane.normal, atol=1e-6)
+        assert abs(plane.distances(centre[None])[0]) < 1e-6
+        assert node.GetLocked() and node.GetName() == f"case {plane.name} plane"
+
+
+def test_acpc_transform_node_maps_ac_to_the_origin(mrml_scene, acpc_planes):
+    planes, _ = acpc_planes
+    node = mrml.add_acpc_transform(mrml_scene, planes.acpc)
+    matrix = slicer.util.arrayFromTransformMatrix(node)
+    ac = np.append(planes.acpc.ac, 1.0)
+    assert np.allclose((matrix @ ac)[:3], 0.0, atol=1e-6)
+    pc = np.append(planes.acpc.pc, 1.0)
+    assert (matrix @ pc)[1] < 0 and abs((matrix @ pc)[0]) < 1e-6  # PC lies behind AC on the midline
+
+
+def test_slice_view_reformats_onto_a_plane(mrml_scene, acpc_planes):
+    planes, _ = acpc_planes
+    plane = planes.planes["mid-sagittal"]
+    slice_node = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    mrml.reformat_slice(slice_node, plane)
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
+    assert np.allclose(slice_to_ras[:3, 2], plane.normal, atol=1e-6)  # the view looks along the normal
+    assert abs(plane.distances(slice_to_ras[:3, 3][None])[0]) < 1e-6  # and its centre lies on the plane

@@ -5,7 +5,7 @@ import pytest
 import vtk
 
 from LandmarkDetectionLib.geometry import Grid
-from LandmarkDetectionLib.io import read_landmarks, write_landmarks, write_volume
+from LandmarkDetectionLib.fileio import read_landmarks, write_landmarks, write_volume
 from conftest import make_volume
 
 slicer = pytest.importorskip("slicer")

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from LandmarkDetectionLib.errors import LandmarkError
 from LandmarkDetectionLib.geometry import LPS_TO_RAS, Grid, apply_matrix, rigid_matrix
-from LandmarkDetectionLib.io import write_markups_json
+from LandmarkDetectionLib.fileio import write_markups_json
 from LandmarkDetectionLib.planes import (add_planes_command, compute_planes, fit_plane, fit_plane_robust, mirror_pairs,
                                          orient_right, resample_acpc, write_planes)
 from LandmarkDetectionLib.resources import resources_dir
@@ -399,7 +399,7 @@ def test_planes_command_resamples_the_scan_into_acpc_space(afids32, tmp_path):
     image[15, 5, 15] = 200.0
     points = afids_head(afids32, rigid_matrix((0, 0, 20), (-0.5, -0.5, 0.5)))  # AC on voxel (15, 15, 15)
     landmarks = tmp_path / "case.fcsv"
-    from LandmarkDetectionLib.io import write_landmarks, write_volume
+    from LandmarkDetectionLib.fileio import write_landmarks, write_volume
 
     write_landmarks(landmarks, afids32, points)
     scan = tmp_path / "scan.nii.gz"

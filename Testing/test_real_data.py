@@ -6,7 +6,7 @@ import numpy as np
 
 from LandmarkDetectionLib.cli import main
 from LandmarkDetectionLib.geometry import apply_matrix
-from LandmarkDetectionLib.io import read_landmarks
+from LandmarkDetectionLib.fileio import read_landmarks
 from LandmarkDetectionLib.metrics import radial_errors
 from LandmarkDetectionLib.train import TrainOptions, train
 from conftest import moved_copies

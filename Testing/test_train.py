@@ -66,12 +66,17 @@ def test_early_stopping(tiny_dataset, tmp_path):
 def test_resume_after_a_kill_continues_exactly(tiny_dataset, tmp_path):
     settings = {**TINY_TRAIN, "epochs": 30, "seed": 7}
     cli_settings = _cli_args({k: v for k, v in settings.items() if k != "progress"})
-    reference = TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "straight"), **settings)
-    train(reference)
+    def command_for(output):
+        return [sys.executable, "-m", "LandmarkDetectionLib", "train", "--dataset", str(tiny_dataset),
+                "--output", str(output), *cli_settings]
+
+    # The uninterrupted run in a process of its own too: same thread count, so the same floating point.
+    straight = subprocess.run([*command_for(tmp_path / "straight"), "--progress", "none"], capture_output=True,
+                              text=True, env=_env())
+    assert straight.returncode == 0, straight.stderr
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "LandmarkDetectionLib", "train", "--dataset", str(tiny_dataset),
-               "--output", str(killed), *cli_settings]
+    command = command_for(killed)
     process = subprocess.Popen([*command, "--progress", "json"], stdout=subprocess.PIPE, text=True, env=_env())
     for line in process.stdout:
         if json.loads(line).get("message", "").startswith("epoch 2:"):
@@ -110,3 +115,25 @@ def test_distributed_training_with_torchrun_gloo(tiny_dataset, tmp_path):
     totals = {r["total"] for r in steps if r.get("stage", "").startswith("train") and "total" in r}
     assert totals == {2}  # 4 training cases shared by 2 processes: 2 steps per epoch per process
     assert load_model(output / "model.safetensors").metrics["best_epoch"] >= 1
+
+
+def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset, tmp_path, afids32):
+    """--synthesis: the model file carries the reference (3 mm image and landmark region) and detection on
+    a moved scan aligns it first; the model header says so without torch."""
+    from LandmarkDetectionLib.detect import detect_path
+    from LandmarkDetectionLib.modelheader import read_header
+
+    options = TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "run"), epochs=1, schema="afids-32",
+                           architecture="locnet", channels=(4, 4, 4), scales_mm=(12.0, 6.0, 6.0), patch_sizes=(6, 6),
+                           spacing=(6.0, 6.0, 6.0), lr=3e-3, sigma_mm=12.0, val_fraction=0.2, progress="none",
+                           synthesis="default", samples_per_epoch=3)
+    best = train(options)
+    model = load_model(best)
+    assert model.reference is not None and model.region is not None
+    assert model.config.geometry.center_ras is not None and all(n % 16 == 0 for n in model.config.geometry.size)
+    assert "reference" in read_header(best).metadata
+    detection = detect_path(model, tiny_dataset / "case03.nii.gz", "cpu")
+    assert detection.alignment is not None and detection.landmarks_ras.shape == (32, 3)
+    assert detection.alignment.similarity > 0.15  # the same template: clearly a head, clearly aligned
+    with pytest.raises(Exception, match="changed options: synthesis"):
+        train(TrainOptions(**{**options.__dict__, "synthesis": "", "resume": True}))

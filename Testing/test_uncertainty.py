@@ -59,10 +59,10 @@ def test_locnet_batched_passes_equal_sequential_passes(afids32):
     x = torch.randn(1, 1, 24, 28, 24)
     shifts = (torch.rand(7, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 5.0
     network.inference_chunk = 40  # several batches of patches
-    batched = network.sample_indices(x, shifts)
-    sequential = torch.cat([network.sample_indices(x, shifts[n:n + 1]) for n in range(7)])
+    batched = network.shifted_indices(x, shifts)
+    sequential = torch.cat([network.shifted_indices(x, shifts[n:n + 1]) for n in range(7)])
     assert torch.allclose(batched, sequential, atol=1e-5)
-    assert torch.allclose(network.sample_indices(x, torch.zeros(1, 3))[0], network.predict_indices(x), atol=1e-5)
+    assert torch.allclose(network.shifted_indices(x, torch.zeros(1, 3))[0], network.predict_indices(x), atol=1e-5)
     assert batched.std(dim=0).mean() > 0  # the shifts do change the answers
 
 
@@ -126,12 +126,13 @@ def test_calibrate_writes_a_new_model_whose_ellipsoids_are_scaled(tiny_locnet, t
     scale = model.config.uncertainty_scale
     assert scale > 0 and model.metrics["calibration"]["cases"] == 6
     assert load_model(tiny_locnet).config.uncertainty_scale == 1.0  # the input model is untouched
-    from LandmarkDetectionLib.io import read_volume
-    from LandmarkDetectionLib.uncertainty import detect_with_uncertainty
+    from LandmarkDetectionLib.fileio import read_volume
+    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_volume
 
     image = read_volume(tiny_dataset / "case00.nii.gz")
-    plain = detect_with_uncertainty(load_model(tiny_locnet), image, "cpu", passes=8, seed=0)
-    scaled = detect_with_uncertainty(model, image, "cpu", passes=8, seed=0)
+    options = UncertaintyOptions(passes=8, seed=0)
+    plain = detect_volume(load_model(tiny_locnet), image, "cpu", "case00", options).uncertainty
+    scaled = detect_volume(model, image, "cpu", "case00", options).uncertainty
     assert np.allclose(scaled.covariance, scale * plain.covariance)
     assert main(["calibrate", "--model", str(tiny_locnet), "--dataset", str(tiny_dataset), "--output",
                  str(tiny_locnet), "--progress", "none"]) == 2

@@ -19,7 +19,7 @@ from _common import peak_rss_mb, run_child
 def measure(kind: str, size, device: str, threads: int) -> dict:
     import torch
 
-    from LandmarkDetectionLib.detect import predict_indices
+    from LandmarkDetectionLib.detect import predict
     from LandmarkDetectionLib.heatmaps import soft_argmax, spatial_softmax
     from LandmarkDetectionLib.losses import landmark_loss
     from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig
@@ -38,7 +38,7 @@ def measure(kind: str, size, device: str, threads: int) -> dict:
         network.eval()
         start = time.perf_counter()
         with torch.inference_mode():
-            predict_indices(model, x)
+            predict(model, x, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

@@ -2,7 +2,7 @@
 (LandmarkDetectionLib.planes) from the model's landmarks vs from the human AFIDs, on the MNI152Lin and
 MNI305 templates (../shared/data/afids-templates) moved by N seeded random rigid motions and re-acquired
 with 1 x 1 x 2.2 mm slices, exactly as benchmarks/heldout.py does. Compared in the same run with the
-planes from atlas-registration-carried AFIDs (heldout.register; --skip-registration to leave it out).
+planes from atlas-registration-carried AFIDs (heldout.register_sitk, affine + B-spline; --skip-registration to leave it out).
 
 Errors per case: MSP angle (deg) between the normals and offset (mm) between the planes at the true
 plane's centre along its normal; AC-PC line angle (deg) and offset (mm, the distance of the true AC-PC
@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from _common import ROOT
-from heldout import TEMPLATES, register
+from heldout import TEMPLATES, register_sitk
 from LandmarkDetectionLib.augment import invert_points
 from LandmarkDetectionLib.resources import bundled_model_path
 from LandmarkDetectionLib.testscans import acquire, random_head_position, sample_case
 from LandmarkDetectionLib.detect import detect_image
 from LandmarkDetectionLib.geometry import apply_matrix, move_image
-from LandmarkDetectionLib.io import read_landmarks, read_volume
+from LandmarkDetectionLib.fileio import read_landmarks, read_volume
 from LandmarkDetectionLib.modelfile import load_model
 from LandmarkDetectionLib.planes import compute_planes
 from LandmarkDetectionLib.preprocess import resample_isotropic
@@ -91,7 +91,7 @@ def main():
             seconds["model"].append(time.perf_counter() - start)
             if "registration" in methods:
                 start = time.perf_counter()
-                predicted["registration"], _ = invert_points(register(scan, atlas), atlas_afids)
+                predicted["registration"], _ = invert_points(register_sitk(scan, atlas)[1], atlas_afids)
                 seconds["registration"].append(time.perf_counter() - start)
             parts = []
             for method in methods:

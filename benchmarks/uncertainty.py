@@ -20,11 +20,10 @@ NETWORKS = {"locnet": {"channels": [16, 16, 8], "scales_mm": [4.0, 2.0, 1.0], "p
 def measure(kind: str, device: str, threads: int) -> dict:
     import torch
 
-    from LandmarkDetectionLib.detect import predict_indices
+    from LandmarkDetectionLib.detect import predict
     from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig
     from LandmarkDetectionLib.preprocess import InputGeometry
     from LandmarkDetectionLib.schema import load_schema
-    from LandmarkDetectionLib.uncertainty import random_shifts
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -35,16 +34,16 @@ def measure(kind: str, device: str, threads: int) -> dict:
     x = torch.randn(1, 1, *reversed(SIZE), device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
-        predict_indices(model, x[..., :32, :32, :32] if architecture == "highres3dnet" else x)  # warm-up
+        predict(model, x[..., :32, :32, :32] if architecture == "highres3dnet" else x, device)  # warm-up
         sync()
         start = time.perf_counter()
         if kind.endswith("detect"):
-            predict_indices(model, x)
+            predict(model, x, device)
         elif kind == "locnet-uncertainty50":
-            network.sample_indices(x, random_shifts(50, 5.0, torch.Generator().manual_seed(0)).float())
+            network.sample_indices(x, 50, torch.Generator().manual_seed(0), 5.0)
         elif kind == "locnet-sequential50":
             for _ in range(50):
-                predict_indices(model, x)
+                predict(model, x, device)
         sync()
         seconds = time.perf_counter() - start
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None
@@ -58,7 +57,7 @@ def accuracy(architecture: str, work) -> float:
     from LandmarkDetectionLib.testscans import random_head_position, sample_case
     from LandmarkDetectionLib.detect import detect_image
     from LandmarkDetectionLib.geometry import apply_matrix, move_image
-    from LandmarkDetectionLib.io import write_markups_json, write_volume
+    from LandmarkDetectionLib.fileio import write_markups_json, write_volume
     from LandmarkDetectionLib.metrics import radial_errors
     from LandmarkDetectionLib.modelfile import load_model
     from LandmarkDetectionLib.preprocess import resample_isotropic

@@ -155,11 +155,25 @@ def _head_center_lps(image: sitk.Image) -> np.ndarray:
 def align(scan: sitk.Image, reference: sitk.Image, region: sitk.Image | None = None, seed: int = 1) -> Alignment:
     """Affine alignment of ``scan`` to ``reference`` (reference -> scan), robust to tilts, missing neck or
     cut-off skull: a coarse multi-start over translations and rotations, then rigid, then affine. The
-    metric is taken inside ``region`` (see landmark_region) when given."""
+    metric is taken inside ``region`` (see landmark_region) when given. An input registration cannot work
+    on (nearly empty, constant) gets the head-centre translation and a similarity of 0."""
     fixed = sitk.Cast(reference, sitk.sitkFloat32)
     moving = make_reference(scan, REFERENCE_SPACING_MM / 1.5)
     reference_center = _head_center_lps(fixed)
     offset = _head_center_lps(moving) - reference_center
+    try:
+        transform = _register(fixed, moving, region, reference_center, offset, seed)
+    except RuntimeError:  # SimpleITK: too few samples inside the scan, a constant image, ...
+        translation = np.eye(4)
+        translation[:3, 3] = offset
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return Alignment(flip @ translation @ flip, 0.0)
+    alignment = Alignment(_ras_from_transform(transform))
+    alignment.similarity = similarity(scan, reference, alignment, region)
+    return alignment
+
+
+def _register(fixed, moving, region, reference_center, offset, seed) -> sitk.AffineTransform:
     best = None
     # Multi-start on the whole head (the head's top may be cut or the neck present: vertical offsets; the
     # head pitched), similarity transforms; the best start is refined inside the landmark region.
@@ -185,9 +199,7 @@ def align(scan: sitk.Image, reference: sitk.Image, region: sitk.Image | None = N
     method = _registration([2, 1], [2.0, 0.0], 80, seed, region)
     method.SetInitialTransform(affine, inPlace=True)
     method.Execute(fixed, moving)
-    alignment = Alignment(_ras_from_transform(affine))
-    alignment.similarity = similarity(scan, reference, alignment, region)
-    return alignment
+    return affine
 
 
 def similarity(scan: sitk.Image, reference: sitk.Image, alignment: Alignment, region: sitk.Image | None = None,

@@ -266,7 +266,7 @@ def augment_dataset(source, output, copies: int, seed: int, schema, config_sourc
     import io as _io
 
     from .data import discover_cases
-    from .io import atomic_write_text, check_writable_dir, read_landmarks, read_volume, write_markups_json, write_volume
+    from .fileio import atomic_write_text, check_writable_dir, read_landmarks, read_volume, write_markups_json, write_volume
 
     cases = discover_cases(source)
     source_dir = Path(source).resolve() if Path(source).is_dir() else Path(source).resolve().parent

@@ -9,10 +9,10 @@ import argparse
 import json
 import sys
 
-import numpy as np
 from pathlib import Path
 
 from .errors import LandmarkError
+from .planes import add_planes_command
 
 
 def _triple(kind):
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model on a dataset folder or manifest")
+    p.set_defaults(handler=cmd_train)
     p.add_argument("--dataset", required=True, help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV")
     p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
     p.add_argument("--schema", default="brain-88", help="built-in schema name or schema JSON file")
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = commands.add_parser("detect", help="detect landmarks in a volume or a folder of volumes")
+    p.set_defaults(handler=cmd_detect)
     p.add_argument("--model", required=True, help="model .safetensors file")
     p.add_argument("--input", required=True, help="volume file, DICOM folder or folder of volumes")
     p.add_argument("--output", required=True, help="folder for NAME.mrk.json and NAME.csv")
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = commands.add_parser("calibrate", help="fit the uncertainty recalibration factor on validation data")
+    p.set_defaults(handler=cmd_calibrate)
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True, help="validation cases (folder or manifest) the model did not train on")
     p.add_argument("--output", required=True, help="the calibrated model file to write (never the input model)")
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = commands.add_parser("evaluate", help="compare predictions with the truth")
+    p.set_defaults(handler=cmd_evaluate)
     p.add_argument("--predictions", required=True, help="folder of predicted landmark files")
     p.add_argument("--truth", required=True, help="folder of truth landmark files, or a dataset manifest CSV")
     p.add_argument("--output", required=True, help="CSV report file")
@@ -117,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="uncertainty vs error PNG (when predictions have .uncertainty.json)")
 
     p = commands.add_parser("schema", help="list, show or validate landmark schemas")
+    p.set_defaults(handler=cmd_schema)
     p.add_argument("action", choices=("list", "show", "validate"))
     p.add_argument("name", nargs="?", default="brain-88", help="schema name or JSON file")
 
     p = commands.add_parser("augment", help="write augmented copies of a dataset, or a preview figure")
+    p.set_defaults(handler=cmd_augment)
     p.add_argument("--input", required=True, help="dataset folder or manifest CSV (only read)")
     p.add_argument("--output", help="folder for the augmented copies and manifest.csv")
     p.add_argument("--copies", type=int, default=5, help="augmented copies per case")
@@ -132,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = commands.add_parser("demo", help="the main job: detect the AFIDs of an unseen scan of the sample brain")
+    p.set_defaults(handler=cmd_demo)
     p.add_argument("--output", default="demo-output", help="folder for the scan, landmarks and summary")
     p.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the test scan's head position and artefacts")
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = commands.add_parser("gradcam", help="3D Grad-CAM volumes per landmark, focus metrics, model comparison")
+    p.set_defaults(handler=cmd_gradcam)
     p.add_argument("--model", help="model file")
     p.add_argument("--compare", nargs=2, metavar=("MODEL_A", "MODEL_B"), help="compare two models' focus")
     p.add_argument("--input", required=True, help="one volume")
@@ -159,14 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = commands.add_parser("info", help="print a model file's metadata")
+    p.set_defaults(handler=cmd_info)
     p.add_argument("model")
+
+    add_planes_command(commands)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args) or 0
+        return args.handler(args) or 0
     except LandmarkError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -195,7 +206,7 @@ def cmd_train(args) -> int:
 def cmd_detect(args) -> int:
     from .data import input_volumes
     from .detect import detect_many, detection_summary
-    from .io import check_writable_dir
+    from .fileio import check_writable_dir
     from .modelfile import load_model
     from .runtime import Progress, pick_device
 
@@ -212,6 +223,8 @@ def cmd_detect(args) -> int:
         if error is not None:  # one bad volume of a folder does not stop the others
             failures += 1
             print(f"error: {error}", file=sys.stderr)
+        elif detection.out_of_distribution:  # never a silent answer
+            print(f"warning: {volume}: {detection_summary(model, detection, options)}", file=sys.stderr)
         else:
             progress.message(f"{volume.name}: {detection_summary(model, detection, options)}")
         progress.update(step)
@@ -222,7 +235,7 @@ def cmd_detect(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, format_table, write_report
+    from .evaluate import evaluate, format_table, write_evaluation_csv
     from .modelfile import load_model
     from .schema import load_schema
 
@@ -233,7 +246,7 @@ def cmd_evaluate(args) -> int:
     else:
         schema = load_schema(args.schema or "brain-88")
     evaluation = evaluate(args.predictions, args.truth, schema)
-    write_report(evaluation, args.output)
+    write_evaluation_csv(evaluation, args.output)
     print(format_table(evaluation))
     print(f"report: {args.output}")
     if evaluation.calibration:
@@ -249,36 +262,20 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
     from .data import discover_cases
-    from .detect import detect_path
-    from .io import read_landmarks
     from .modelfile import load_model
     from .runtime import Progress, pick_device
-    from .uncertainty import fit_scale
 
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise LandmarkError(args.output, "would overwrite the input model; choose another --output")
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    options = _uncertainty_options(args)
-    if options.passes < 2:
-        raise ValueError("--uncertainty must be at least 2 passes to calibrate")
-    model.config.uncertainty_scale = 1.0
-    cases = discover_cases(args.dataset)
-    distances = []
-    progress = Progress(args.progress)
-    progress.start("calibrate", len(cases))
-    for step, case in enumerate(cases, start=1):
-        detection = detect_path(model, case.image, device, options)
-        distances.append(detection.uncertainty.mahalanobis_squared(read_landmarks(case.landmarks, model.schema)))
-        progress.update(step)
-    progress.close()
-    scale = fit_scale(np.concatenate(distances), options.level)
-    model.config.uncertainty_scale = scale
-    model.metrics["calibration"] = {"scale": scale, "level": options.level, "cases": len(cases),
-                                    "passes": options.passes, "dataset": str(args.dataset)}
+    result = calibrate(model, discover_cases(args.dataset), device, _uncertainty_options(args), Progress(args.progress))
     model.save(args.output)
-    print(f"covariance scale {scale:.3f} fitted on {len(cases)} case(s); calibrated model: {args.output}")
+    print(f"covariance scale {result.scale:.3f} fitted on {result.cases} case(s): {result.coverage_before * 100:.0f}% "
+          f"of truths inside the {args.level * 100:.0f}% ellipsoids before, {result.coverage_after * 100:.0f}% after; "
+          f"calibrated model: {args.output}")
     return 0
 
 
@@ -306,7 +303,7 @@ def cmd_schema(args) -> int:
 def cmd_augment(args) -> int:
     from .augment import augment_dataset, preview
     from .data import discover_cases
-    from .io import read_landmarks, read_volume
+    from .fileio import read_landmarks, read_volume
     from .runtime import Progress
     from .schema import load_schema
 
@@ -349,24 +346,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _landmark_selection(schema, text: str) -> list[int]:
-    if text == "all":
-        return list(range(len(schema)))
-    if any(s.name == text for s in schema.sub_anatomies):
-        return schema.indices_of(text)
-    chosen = []
-    for name in text.split(","):
-        index = schema.lookup(name)
-        if index is None:
-            raise LandmarkError(None, f"--landmarks: '{name}' is neither a landmark nor a sub-anatomy of schema "
-                                      f"'{schema.name}'")
-        chosen.append(index)
-    return chosen
-
-
 def cmd_gradcam(args) -> int:
-    from .gradcam import compute_gradcam, focus_metrics, write_cams
-    from .io import atomic_write_text, check_writable_dir, read_volume, stem
+    from .fileio import check_writable_dir, read_volume, stem
+    from .gradcam import cam_prefix, compute_gradcam, focus_metrics, format_focus_table, write_cams, write_focus_table
     from .modelfile import load_model
     from .runtime import pick_device
 
@@ -377,57 +359,31 @@ def cmd_gradcam(args) -> int:
     image = read_volume(args.input)
     output = check_writable_dir(args.output)
     name = stem(args.input)
-    tables = []
+    tables, schema, predicted = [], None, None
     for index, path in enumerate(models):
         model = load_model(path, device)
-        if index and model.schema.names != tables[0][0].schema.names:
-            model.check_schema(tables[0][0].schema, path)
-        landmarks = _landmark_selection(model.schema, args.landmarks)
+        if schema is not None:
+            model.check_schema(schema, path)
+        landmarks = model.schema.select(args.landmarks)
         result = compute_gradcam(model, image, landmarks, args.layer, args.target, device, args.chunk)
-        prefix = name if len(models) == 1 else f"{name}_model{'AB'[index]}"
-        paths = write_cams(result, model, image, output, prefix, args.format, args.single_file, args.normalize)
-        tables.append((model, focus_metrics(result, args.radius_mm)))
-        if index == 0:
-            predicted = result.predicted_ras
+        paths = write_cams(result, model, image, output, cam_prefix(name, index, len(models)), args.format,
+                           args.single_file, args.normalize)
+        tables.append(focus_metrics(result, args.radius_mm))
+        if schema is None:
+            schema, predicted = model.schema, result.predicted_ras
         print(f"{path}: {len(landmarks)} Grad-CAM volume(s) at layer {result.layer} -> {paths[0].parent}")
-    schema = tables[0][0].schema
-    header = ["landmark", "sub_anatomy", "x", "y", "z"]
-    for label in ("A", "B")[: len(tables)]:
-        header += [f"mass_within_{args.radius_mm:g}mm_{label}", f"com_distance_mm_{label}", f"max_overlap_{label}",
-                   f"max_overlap_with_{label}"]
-    lines = [",".join(header)]
-    for n, row in enumerate(tables[0][1]):
-        lm = schema.landmarks[row["landmark"]]
-        cells = [lm.name, lm.sub_anatomy, *(f"{v:.3f}" for v in predicted[row["landmark"]])]
-        for _, rows in tables:
-            r = rows[n]
-            other = schema.landmarks[r["max_overlap_with"]].name if r["max_overlap_with"] is not None else ""
-            cells += [f"{r['mass_within_r']:.4f}", f"{r['com_distance_mm']:.2f}", f"{r['max_overlap']:.4f}", other]
-        lines.append(",".join(cells))
-    csv_path = output / f"{name}_gradcam_focus.csv"
-    atomic_write_text(csv_path, "\n".join(lines) + "\n")
-    print(f"{'':<28}" + "".join(f"{'mass<r ' + l:>12}{'COM mm ' + l:>12}" for l in ("A", "B")[: len(tables)]))
-    for n, row in enumerate(tables[0][1]):
-        cells = "".join(f"{rows[n]['mass_within_r']:>12.3f}{rows[n]['com_distance_mm']:>12.1f}" for _, rows in tables)
-        print(f"{schema.landmarks[row['landmark']].name[:27]:<28}{cells}")
-    means = "".join(f"{np.mean([r['mass_within_r'] for r in rows]):>12.3f}"
-                    f"{np.nanmean([r['com_distance_mm'] for r in rows]):>12.1f}" for _, rows in tables)
-    print(f"{'mean':<28}{means}")
+    csv_path = write_focus_table(output, name, schema, predicted, tables, args.radius_mm)
+    print(format_focus_table(schema, tables))
     print(f"focus table: {csv_path}")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .modelfile import read_header
+    from .modelheader import read_header
 
-    metadata = read_header(args.model)
+    header = read_header(args.model)
     print(json.dumps({k: json.loads(v) if k in ("config", "training", "metrics") else v
-                      for k, v in metadata.items() if k != "schema"}, indent=2))
-    schema = json.loads(metadata["schema"])
+                      for k, v in header.metadata.items() if k not in ("schema", "reference")}, indent=2))
+    schema = header.schema
     print(f"schema: {schema['name']} ({len(schema['landmarks'])} landmarks)")
     return 0
-
-
-COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "schema": cmd_schema, "augment": cmd_augment, "demo": cmd_demo,
-            "calibrate": cmd_calibrate, "gradcam": cmd_gradcam,
-            "info": cmd_info}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import LandmarkError
-from .io import LANDMARK_SUFFIXES, VOLUME_SUFFIXES, read_landmarks, read_volume, stem
+from .fileio import LANDMARK_SUFFIXES, VOLUME_SUFFIXES, read_landmarks, read_volume, stem
 from .preprocess import InputGeometry, model_grid, normalize_intensity, resample_to_grid
 from .schema import Schema
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .detect import write_detection
-from .io import atomic_write_text, check_writable_dir, write_markups_json, write_volume
+from .fileio import atomic_write_text, check_writable_dir, write_markups_json, write_volume
 from .metrics import radial_errors, summarize
 from .modelfile import load_model
 from .resources import bundled_model_path
@@ -25,7 +25,7 @@ def run_demo(output: str | Path, model_path: str | Path | None = None, device: s
              passes: int = 50, flag_mm: float = 5.0, gradcam_landmarks=("AC", "PC", "GENU", "RALTH")) -> dict:
     """Make the unseen test scan, detect with uncertainty, explain a few landmarks with Grad-CAM, and write
     everything with report.html into ``output``."""
-    from . import report
+    from . import demo_report, figures
     from .detect import UncertaintyOptions, detect_volume
     from .gradcam import compute_gradcam
     from .runtime import pick_device
@@ -67,13 +67,14 @@ def run_demo(output: str | Path, model_path: str | Path | None = None, device: s
                    note="The test scan was made from the training template (new head position, 2.2 mm slices, "
                         "scanner artefacts); accuracy on unseen anatomy is measured by benchmarks/heldout.py.")
     figure_paths = {key: output / f"{key}.png" for key in ("landmarks", "errors", "uncertainty", "gradcam")}
-    report.landmark_panels(scan, schema, predicted, truth, uncertainty, figure_paths["landmarks"])
-    report.error_figure(schema, errors, figure_paths["errors"])
-    report.uncertainty_figure(schema, errors, semi, flag_mm, figure_paths["uncertainty"])
-    report.gradcam_figure(scan, schema, cam_volumes, predicted, figure_paths["gradcam"], cams.layer)
+    demo_report.landmark_panels(scan, schema, predicted, truth, uncertainty, figure_paths["landmarks"])
+    demo_report.error_figure(schema, errors, figure_paths["errors"])
+    figures.uncertainty_scatter(errors, semi, uncertainty.level, figure_paths["uncertainty"], schema.names, flag_mm,
+                                summary["coverage"])
+    demo_report.gradcam_figure(scan, schema, cam_volumes, predicted, figure_paths["gradcam"], cams.layer)
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["files"] = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.is_file()) + ["report.html"]
-    report.write_html(output / "report.html", summary, model, schema, errors, semi, flag_mm, figure_paths,
+    demo_report.write_html(output / "report.html", summary, model, schema, errors, semi, flag_mm, figure_paths,
                       files.attribution)
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
     summary["report"] = str(output / "report.html")

@@ -17,7 +17,7 @@ import torch
 
 from .align import AlignedGrid, Alignment, align
 from .errors import LandmarkError
-from .io import atomic_write_text, landmarks_csv_text, read_volume, stem, write_markups_json
+from .fileio import atomic_write_text, landmarks_csv_text, read_volume, stem, write_markups_json
 from .modelfile import LandmarkModel
 from .preprocess import model_grid, normalize_intensity, resample_to_grid
 from .uncertainty import Uncertainty, summarize_samples, write_uncertainty
@@ -155,7 +155,7 @@ def detection_summary(model: LandmarkModel, detection: Detection, options: Uncer
     if detection.uncertainty is not None or detection.out_of_distribution:
         text += f", {int(detection.flagged(options.flag_mm).sum())} flagged uncertain"
     if detection.out_of_distribution:
-        text += (f"; warning: does not look like the head MRI the model knows (out-of-distribution score "
+        text += (f"; does not look like the head MRI the model knows (out-of-distribution score "
                  f"{1 - detection.alignment.similarity:.2f}); every landmark is flagged")
     return text
 

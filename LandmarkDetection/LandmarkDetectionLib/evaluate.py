@@ -15,7 +15,7 @@ import numpy as np
 
 from .data import discover_cases
 from .errors import LandmarkError
-from .io import LANDMARK_SUFFIXES, atomic_write_text, read_landmarks, stem
+from .fileio import LANDMARK_SUFFIXES, atomic_write_text, read_landmarks, stem
 from .metrics import SDR_THRESHOLDS_MM, radial_errors, summarize
 from .schema import Schema
 
@@ -70,14 +70,12 @@ def evaluate(predictions: str | Path, truth: str | Path, schema: Schema) -> Eval
         groups.append(group)
         uncertainty_file = predictions / f"{name}.uncertainty.json"
         if uncertainty_file.exists():
-            from scipy.stats import chi2
-
             from .uncertainty import read_uncertainty
 
             result, _ = read_uncertainty(uncertainty_file)
             level = result.level
             semi_axes.append(result.max_semi_axis())
-            inside.append(result.mahalanobis_squared(truth_ras) <= chi2.ppf(level, 3))
+            inside.append(result.covers(truth_ras))
     if not rows:
         raise LandmarkError(predictions, f"no prediction matches a truth file in {truth} (names must agree)")
     evaluation = Evaluation(schema, names, groups, np.vstack(rows))
@@ -95,29 +93,20 @@ def evaluate(predictions: str | Path, truth: str | Path, schema: Schema) -> Eval
 
 
 def plot_uncertainty(evaluation: Evaluation, path) -> None:
-    """Scatter of radial error against the longest ellipsoid semi-axis, one dot per landmark and case."""
-    from . import figures
+    """Error against uncertainty, one dot per landmark and case."""
+    from .figures import uncertainty_scatter
 
-    figure, ax = figures.plt.subplots(figsize=(5, 4.2))
-    ax.scatter(evaluation.uncertainty_mm.ravel(), evaluation.errors.ravel(), s=12, alpha=0.7)
     c = evaluation.calibration
-    ax.set_xlabel(f"uncertainty: longest semi-axis of the {c['level'] * 100:.0f}% ellipsoid (mm)")
-    ax.set_ylabel("radial error (mm)")
-    ax.set_title(f"coverage {c['coverage'] * 100:.0f}%, Spearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f}",
-                 fontsize=9)
-    limit = max(np.nanmax(evaluation.uncertainty_mm), np.nanmax(evaluation.errors)) * 1.05
-    ax.plot([0, limit], [0, limit], color="gray", lw=0.8, ls="--", label="error = semi-axis")
-    ax.legend(fontsize=8)
-    figures.save(figure, path)
+    uncertainty_scatter(evaluation.errors, evaluation.uncertainty_mm, c["level"], path, coverage=c["coverage"])
 
 
-REPORT_COLUMNS = ["level", "name", "sub_anatomy", "n", "mre_mm", "sd_mm", "median_mm", "rmse_mm", "max_mm",
+EVALUATION_COLUMNS = ["level", "name", "sub_anatomy", "n", "mre_mm", "sd_mm", "median_mm", "rmse_mm", "max_mm",
                   *(f"sdr_{t:g}mm" for t in SDR_THRESHOLDS_MM), "value"]
 
 
-def report_csv(evaluation: Evaluation) -> str:
+def evaluation_csv(evaluation: Evaluation) -> str:
     out = _io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=EVALUATION_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in evaluation.rows():
         writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -132,8 +121,8 @@ def report_csv(evaluation: Evaluation) -> str:
     return out.getvalue()
 
 
-def write_report(evaluation: Evaluation, path: str | Path) -> None:
-    atomic_write_text(path, report_csv(evaluation))
+def write_evaluation_csv(evaluation: Evaluation, path: str | Path) -> None:
+    atomic_write_text(path, evaluation_csv(evaluation))
 
 
 def format_table(evaluation: Evaluation) -> str:

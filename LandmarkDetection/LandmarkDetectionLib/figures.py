@@ -61,8 +61,37 @@ def draw_slices(axes_row, image, center_ras, overlays=(), slab_mm=6.0, half_widt
 
 
 def save(figure, path) -> None:
-    from .io import atomic_path
+    from .fileio import atomic_path
 
     with atomic_path(path, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(figure)
+
+
+def uncertainty_scatter(errors, semi_axes, level: float, path, labels=None, flag_mm: float | None = None,
+                        coverage: float | None = None) -> None:
+    """Radial error against the longest ellipsoid semi-axis, one dot per landmark (and case), with the
+    Spearman correlation, the coverage and the flag threshold when given."""
+    from scipy.stats import spearmanr
+
+    errors, semi_axes = np.ravel(errors), np.ravel(semi_axes)
+    keep = np.isfinite(errors) & np.isfinite(semi_axes)
+    figure, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter(semi_axes[keep], errors[keep], s=14, alpha=0.7)
+    for name, x, y in zip(labels or (), semi_axes, errors):
+        ax.annotate(name, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    limit = max(float(semi_axes[keep].max(initial=1.0)), float(errors[keep].max(initial=1.0))) * 1.05
+    ax.plot([0, limit], [0, limit], color="gray", lw=0.8, ls="--", label="error = semi-axis")
+    if flag_mm is not None:
+        ax.axvline(flag_mm, color="red", lw=0.8, ls="--", label=f"flag threshold {flag_mm:g} mm")
+    ax.set_xlabel(f"uncertainty: longest semi-axis of the {level * 100:.0f}% ellipsoid (mm)")
+    ax.set_ylabel("radial error (mm)")
+    title = "Uncertainty vs error"
+    if keep.sum() > 2:
+        title += f": Spearman {spearmanr(semi_axes[keep], errors[keep]).statistic:.2f}"
+    if coverage is not None:
+        title += f", {coverage * 100:.0f}% of truths inside"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    save(figure, path)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .errors import LandmarkError
 from .geometry import Grid
 from .heatmaps import soft_argmax, spatial_softmax
-from .io import write_volume
+from .fileio import atomic_write_text, write_volume
 from .align import Alignment
 from .detect import model_input
 from .modelfile import LandmarkModel
@@ -174,3 +174,43 @@ def write_cams(result: CamResult, model: LandmarkModel, reference: sitk.Image, o
         paths.append(output / f"{stem}_gradcam_{safe}.{fmt}")
         write_volume(volume, paths[-1])
     return paths
+
+
+# --------------------------------------------------------------------------------------------- focus table
+def cam_prefix(stem: str, model_index: int, models: int) -> str:
+    """File-name prefix of one model's CAMs: the volume's stem, with _modelA / _modelB when comparing."""
+    return stem if models == 1 else f"{stem}_model{'AB'[model_index]}"
+
+
+def write_focus_table(output: Path, stem: str, schema, predicted_ras: np.ndarray, tables: list[list[dict]],
+                      radius_mm: float) -> Path:
+    """``STEM_gradcam_focus.csv``: per landmark, each model's focus metrics (columns suffixed A, B)."""
+    header = ["landmark", "sub_anatomy", "x", "y", "z"]
+    for label in "AB"[: len(tables)]:
+        header += [f"mass_within_{radius_mm:g}mm_{label}", f"com_distance_mm_{label}", f"max_overlap_{label}",
+                   f"max_overlap_with_{label}"]
+    lines = [",".join(header)]
+    for n, row in enumerate(tables[0]):
+        lm = schema.landmarks[row["landmark"]]
+        cells = [lm.name, lm.sub_anatomy, *(f"{v:.3f}" for v in predicted_ras[row["landmark"]])]
+        for rows in tables:
+            r = rows[n]
+            other = schema.landmarks[r["max_overlap_with"]].name if r["max_overlap_with"] is not None else ""
+            cells += [f"{r['mass_within_r']:.4f}", f"{r['com_distance_mm']:.2f}", f"{r['max_overlap']:.4f}", other]
+        lines.append(",".join(cells))
+    path = output / f"{stem}_gradcam_focus.csv"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def format_focus_table(schema, tables: list[list[dict]]) -> str:
+    """The printed focus table: CAM mass near the landmark and centre-of-mass distance, per model."""
+    labels = "AB"[: len(tables)]
+    lines = [f"{'':<28}" + "".join(f"{'mass<r ' + label:>12}{'COM mm ' + label:>12}" for label in labels)]
+    for n, row in enumerate(tables[0]):
+        cells = "".join(f"{rows[n]['mass_within_r']:>12.3f}{rows[n]['com_distance_mm']:>12.1f}" for rows in tables)
+        lines.append(f"{schema.landmarks[row['landmark']].name[:27]:<28}{cells}")
+    means = "".join(f"{np.mean([r['mass_within_r'] for r in rows]):>12.3f}"
+                    f"{np.nanmean([r['com_distance_mm'] for r in rows]):>12.1f}" for rows in tables)
+    lines.append(f"{'mean':<28}{means}")
+    return "\n".join(lines)

@@ -20,13 +20,12 @@ from safetensors.torch import save as save_tensors
 
 from .errors import LandmarkError
 from .geometry import Grid
-from .io import atomic_write_bytes
+from .modelheader import FORMAT, FORMAT_VERSION, read_header
+from .fileio import atomic_write_bytes
 from .models import build_network
 from .preprocess import InputGeometry
 from .schema import Schema, schema_from_dict
 
-FORMAT = "LandmarkDetectionLib.model"
-FORMAT_VERSION = "1"
 REFERENCE_IMAGE, REFERENCE_REGION = "reference/image", "reference/region"
 
 
@@ -93,27 +92,9 @@ def _unwrap(network):
     return network.module if hasattr(network, "module") else network
 
 
-def read_header(path: str | Path) -> dict[str, str]:
-    """The metadata of a model file, checked to be ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise LandmarkError(path, "model file does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise LandmarkError(path, f"not a readable model file: truncated or not safetensors ({error})") from None
-    if metadata.get("format") != FORMAT:
-        raise LandmarkError(path, "is a safetensors file but not a LandmarkDetection model (no model metadata)")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise LandmarkError(path, f"model format version {metadata.get('format_version')!r} is not supported "
-                                  f"(this version reads {FORMAT_VERSION})")
-    return metadata
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LandmarkModel:
     path = Path(path)
-    metadata = read_header(path)
+    metadata = read_header(path).metadata
     try:
         config = ModelConfig.from_dict(json.loads(metadata["config"]))
         schema = schema_from_dict(json.loads(metadata["schema"]), source=str(path))

@@ -212,3 +212,48 @@ def add_gradcam_volume(scene, cam: sitk.Image, name: str, folder: int | None = N
     if folder is not None:
         place(scene, node, folder)
     return node
+
+
+# --------------------------------------------------------------------------------------------------- planes
+def add_planes(scene, planes, folder: int | None = None, prefix: str = "") -> list:
+    """One markups plane node per plane of a ``planes.PlaneSet``: centred on its field of view, sized to it,
+    in-plane axes as computed; red when the plane is not trustworthy. Locked: planes are results."""
+    nodes = []
+    for plane in planes.planes.values():
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsPlaneNode", f"{prefix}{plane.name} plane")
+        node.SetSizeMode(node.SizeModeAbsolute)  # before SetSize, or the size follows the (absent) points
+        centre = plane.fov_centre if plane.fov_centre is not None else plane.centre
+        u, v = plane.axes
+        node.SetAxesWorld(tuple(u), tuple(v), tuple(plane.normal))
+        node.SetCenterWorld(tuple(float(c) for c in centre))
+        if plane.fov_mm is not None:
+            node.SetSize(float(plane.fov_mm[0]), float(plane.fov_mm[1]))
+        trustworthy = plane.uncertainty is None or plane.uncertainty.trustworthy
+        node.SetDescription(f"{plane.kind} plane from {len(plane.landmarks)} landmarks"
+                            + ("" if trustworthy else f"; not trustworthy: {plane.uncertainty.reason}"))
+        node.SetLocked(True)
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetSelectedColor((0.2, 0.8, 0.3) if trustworthy else (0.9, 0.2, 0.2))
+        node.GetDisplayNode().SetOpacity(0.3)
+        if folder is not None:
+            place(scene, node, folder)
+        nodes.append(node)
+    return nodes
+
+
+def add_acpc_transform(scene, frame, name: str = "AC-PC transform", folder: int | None = None):
+    """A linear transform node holding subject RAS -> AC-PC RAS: placing a volume under it (or hardening
+    it) shows the scan in the AC-PC aligned frame."""
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(frame.matrix))
+    if folder is not None:
+        place(scene, node, folder)
+    return node
+
+
+def reformat_slice(slice_node, plane) -> None:
+    """Reformat a slice view onto ``plane``: its normal out of the screen, its first in-plane axis to the
+    right, centred on the plane's field of view."""
+    centre = plane.fov_centre if plane.fov_centre is not None else plane.centre
+    normal, u = np.asarray(plane.normal, float), np.asarray(plane.axes[0], float)
+    slice_node.SetSliceToRASByNTP(*normal, *u, *(float(c) for c in centre), 0)

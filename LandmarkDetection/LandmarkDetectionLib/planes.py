@@ -50,7 +50,7 @@ import SimpleITK as sitk
 
 from .errors import LandmarkError
 from .geometry import LPS_TO_RAS, Grid, centered_grid
-from .io import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text
 from .schema import Schema, SchemaPlanes
 
 LEVEL = 0.9  # the quantile plane uncertainties are reported at
@@ -673,7 +673,7 @@ def resample_acpc(image: sitk.Image, transform, spacing: float = 1.0, margin_mm:
 # --------------------------------------------------------------------------------------------------- CLI
 def guess_schema(landmarks_path: str | Path) -> Schema:
     """The one built-in schema whose landmarks the file holds, read by its labels."""
-    from .io import read_landmarks
+    from .fileio import read_landmarks
     from .schema import builtin_schemas, load_schema
 
     matches = []
@@ -731,7 +731,7 @@ def add_planes_command(subparsers) -> argparse.ArgumentParser:
 
 def run_planes(args) -> int:
     """The ``planes`` command: read, compute, refuse unsafe outputs, write, print a summary."""
-    from .io import check_writable_dir, read_landmarks, read_volume, stem, write_volume
+    from .fileio import check_writable_dir, read_landmarks, read_volume, stem, write_volume
     from .schema import load_schema
 
     schema = load_schema(args.schema) if args.schema else guess_schema(args.landmarks)

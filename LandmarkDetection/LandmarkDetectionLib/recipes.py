@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 from .errors import LandmarkError
-from .io import atomic_write_text
+from .fileio import atomic_write_text
 
 INTENDED_USE = ("Research use only; not for clinical use. Trained on one brain template (MNI152NLin2009cAsym T1w/T2w "
                 "with its AFIDs consensus) with synthetic appearance, anatomy and head positions.")

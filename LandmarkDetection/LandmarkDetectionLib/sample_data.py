@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LandmarkError
-from .io import atomic_write_bytes
+from .fileio import atomic_write_bytes
 from .resources import resources_dir
 
 

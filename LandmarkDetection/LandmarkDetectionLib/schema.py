@@ -117,6 +117,21 @@ class Schema:
                     self._index[k.strip().lower()] = i
         return self._index.get(str(key).strip().lower())
 
+    def select(self, text: str) -> list[int]:
+        """Landmark indices from 'all', a sub-anatomy name, or comma-separated landmark names/aliases."""
+        if text == "all":
+            return list(range(len(self)))
+        if any(s.name == text for s in self.sub_anatomies):
+            return self.indices_of(text)
+        chosen = []
+        for name in text.split(","):
+            index = self.lookup(name)
+            if index is None:
+                raise LandmarkError(None, f"--landmarks: '{name}' is neither a landmark nor a sub-anatomy of schema "
+                                          f"'{self.name}'")
+            chosen.append(index)
+        return chosen
+
     def mirror_indices(self) -> list[int]:
         """For each landmark, the index of its left-right counterpart (itself on the midline): the
         relabelling a left-right flip of the head needs."""

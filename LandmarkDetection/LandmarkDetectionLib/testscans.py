@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from .geometry import apply_matrix, centered_grid, move_image, physical_center_ras, rigid_matrix
-from .io import read_landmarks, read_volume, write_markups_json, write_volume
+from .fileio import read_landmarks, read_volume, write_markups_json, write_volume
 from .sample_data import fetch_sample
 from .schema import load_schema
 

@@ -11,7 +11,6 @@ Outputs in the output folder:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -22,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save as save_tensors
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import LandmarkDataset, discover_cases, split_cases
 from .detect import predict
 from .errors import LandmarkError
-from .io import atomic_write_bytes, atomic_write_text, check_writable_dir, read_landmarks
+from .fileio import atomic_write_text, check_writable_dir, read_landmarks
 from .losses import LOSSES
 from .metrics import radial_errors, summarize
 from .modelfile import LandmarkModel, ModelConfig
@@ -39,12 +37,6 @@ from .schema import load_schema
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "model.safetensors"
-# Options that must not change between a run and its --resume.
-_FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "scales_mm", "patch_sizes",
-                    "size", "spacing", "loss", "alpha", "sigma_mm", "lr", "batch_size", "seed", "val_fraction",
-                    "test_fraction", "augment", "synthesis", "samples_per_epoch")
-
-
 @dataclass
 class TrainOptions:
     dataset: str
@@ -109,7 +101,53 @@ def train(options: TrainOptions) -> Path:
             dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs."""
+
+    options: TrainOptions
+    output: Path
+    device: torch.device
+    world: int
+    main: bool
+    splits: dict
+    model: LandmarkModel
+    network: torch.nn.Module  # the model's network, or its DistributedDataParallel wrapper
+    train_set: object
+    val_set: object
+    sampler: object
+    loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    amp_dtype: object
+    use_amp: bool
+    state: dict
+    progress: Progress
+    writer: object = None
+
+
 def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Path:
+    run = _setup(options, rank, local_rank, world)
+    for epoch in range(run.state["epoch"] + 1, options.epochs):
+        if run.state["finished"]:
+            break
+        started = time.monotonic()
+        train_loss = _train_epoch(run, epoch)
+        val = _validate(run.model, run.val_set, run.device) if run.main else {}
+        _end_epoch(run, epoch, train_loss, val, started)
+    run.progress.close()
+    if run.writer is not None:
+        run.writer.close()
+    if run.main and run.splits["test"]:
+        _evaluate_test_split(run.output / BEST_MODEL, run.splits["test"], run.device)
+    if world > 1:
+        dist.barrier()
+    return run.output / BEST_MODEL
+
+
+def _setup(options: TrainOptions, rank: int, local_rank: int, world: int) -> _Run:
+    """Data, model, optimizer and loop state, restored from the checkpoint with --resume."""
     main = rank == 0
     output = check_writable_dir(options.output)
     device = pick_device(options.device)
@@ -126,7 +164,6 @@ def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Pat
 
     if options.synthesis:
         model, train_set, val_set = _synthesis_setup(options, schema, splits)
-        config = model.config
     else:
         config = options.model_config()
         torch.manual_seed(options.seed)
@@ -157,78 +194,74 @@ def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Pat
     state = {"epoch": -1, "best_mre": math.inf, "best_epoch": -1, "stale_epochs": 0, "finished": False}
     checkpoint = output / CHECKPOINT
     if options.resume and checkpoint.exists():
-        state = _load_checkpoint(checkpoint, options, model.network, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, options, model.network, optimizer, scheduler)
     elif options.resume:
         raise LandmarkError(checkpoint, "--resume given but no checkpoint exists in the output folder")
     elif checkpoint.exists():
         raise LandmarkError(checkpoint, "a previous run is here; pass --resume to continue it or choose another output")
-
-    progress = Progress(options.progress, enabled=main)
-    writer = _tensorboard(output / "tensorboard") if main else None
     if main:
         atomic_write_text(output / "splits.json", json.dumps(
             {s: [c.name for c in splits[s]] for s in splits}, indent=2))
-    spacing = config.geometry.spacing
-    steps = len(loader)
-    for epoch in range(state["epoch"] + 1, options.epochs):
-        if state["finished"]:
-            break
-        started = time.monotonic()
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        network.train()
-        progress.start(f"train epoch {epoch + 1}/{options.epochs}", steps)
-        losses = []
-        for step, (image, target, mask, _) in enumerate(loader, start=1):
-            image, target, mask = image.to(device), target.to(device), mask.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                prediction = network(image)  # through the DDP wrapper, so gradients are synchronised
-            loss = model.network.loss(prediction, target, mask, spacing, options.loss, options.alpha,
-                                      config.sigma_mm, progress=epoch / max(1, options.epochs - 1))
-            if not torch.isfinite(loss):
-                raise LandmarkError(options.output, f"training diverged: the loss is {float(loss)} at epoch "
-                                                    f"{epoch + 1}, step {step}; try a lower --lr")
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss.detach()))
-            progress.update(step, loss=losses[-1], metric=None if math.isinf(state["best_mre"]) else state["best_mre"],
-                            epoch=epoch + 1)
-        train_loss = _mean_across_ranks(float(np.mean(losses)), device, world)
-        val = _validate(model, val_set, device) if main else {}
-        val_mre = _broadcast(val.get("mre_mm", math.nan), device, world)
-        scheduler.step(val_mre)
-        improved = val_mre < state["best_mre"]
-        state.update(epoch=epoch, stale_epochs=0 if improved else state["stale_epochs"] + 1)
-        if improved:
-            state.update(best_mre=val_mre, best_epoch=epoch)
-        state["finished"] = state["stale_epochs"] >= options.patience or epoch + 1 >= options.epochs
-        if main:
-            if improved:
-                model.training = _training_summary(options, splits, epoch)
-                model.metrics = {"validation": val, "best_epoch": epoch + 1}
-                model.save(output / BEST_MODEL)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_mre_mm": val_mre,
-                   "val_sdr_2mm": val.get("sdr_2mm"), "val_sdr_4mm": val.get("sdr_4mm"),
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.monotonic() - started, 3)}
-            _append_csv(output / "log.csv", row)
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch" and value is not None:
-                        writer.add_scalar(key, value, epoch + 1)
-                writer.flush()
-            _save_checkpoint(checkpoint, options, model.network, optimizer, scheduler, state)
-            progress.message(f"epoch {epoch + 1}: loss {train_loss:.4g}, validation MRE {val_mre:.3f} mm"
-                             + (" (best)" if improved else ""))
-    progress.close()
-    if writer is not None:
-        writer.close()
-    if main and splits["test"]:
-        _evaluate_test_split(output / BEST_MODEL, splits["test"], device)
-    if world > 1:
-        dist.barrier()
-    return output / BEST_MODEL
+    return _Run(options, output, device, world, main, splits, model, network, train_set, val_set, sampler, loader,
+                optimizer, scheduler, scaler, amp_dtype, use_amp, state, Progress(options.progress, enabled=main),
+                _tensorboard(output / "tensorboard") if main else None)
+
+
+def _train_epoch(run: _Run, epoch: int) -> float:
+    """One pass over the training data; the mean loss across ranks."""
+    options, model, device = run.options, run.model, run.device
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)
+    run.network.train()
+    run.progress.start(f"train epoch {epoch + 1}/{options.epochs}", len(run.loader))
+    losses = []
+    best = run.state["best_mre"]
+    for step, (image, target, mask, _) in enumerate(run.loader, start=1):
+        image, target, mask = image.to(device), target.to(device), mask.to(device)
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+            prediction = run.network(image)  # through the DDP wrapper, so gradients are synchronised
+        loss = model.network.loss(prediction, target, mask, model.config.geometry.spacing, options.loss,
+                                  options.alpha, model.config.sigma_mm, progress=epoch / max(1, options.epochs - 1))
+        if not torch.isfinite(loss):
+            raise LandmarkError(options.output, f"training diverged: the loss is {float(loss)} at epoch "
+                                                f"{epoch + 1}, step {step}; try a lower --lr")
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        losses.append(float(loss.detach()))
+        run.progress.update(step, loss=losses[-1], metric=None if math.isinf(best) else best, epoch=epoch + 1)
+    return _mean_across_ranks(float(np.mean(losses)), device, run.world)
+
+
+def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: float) -> None:
+    """Learning-rate schedule, early stopping, best model, log row, TensorBoard and checkpoint."""
+    options, state = run.options, run.state
+    val_mre = _broadcast(val.get("mre_mm", math.nan), run.device, run.world)
+    run.scheduler.step(val_mre)
+    improved = val_mre < state["best_mre"]
+    state.update(epoch=epoch, stale_epochs=0 if improved else state["stale_epochs"] + 1)
+    if improved:
+        state.update(best_mre=val_mre, best_epoch=epoch)
+    state["finished"] = state["stale_epochs"] >= options.patience or epoch + 1 >= options.epochs
+    if not run.main:
+        return
+    if improved:
+        run.model.training = _training_summary(options, run.splits, epoch)
+        run.model.metrics = {"validation": val, "best_epoch": epoch + 1}
+        run.model.save(run.output / BEST_MODEL)
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "val_mre_mm": val_mre,
+           "val_sdr_2mm": val.get("sdr_2mm"), "val_sdr_4mm": val.get("sdr_4mm"),
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(time.monotonic() - started, 3)}
+    _append_csv(run.output / "log.csv", row)
+    if run.writer is not None:
+        for key, value in row.items():
+            if key != "epoch" and value is not None:
+                run.writer.add_scalar(key, value, epoch + 1)
+        run.writer.flush()
+    save_checkpoint(run.output / CHECKPOINT, options, run.model.network, run.optimizer, run.scheduler, state)
+    run.progress.message(f"epoch {epoch + 1}: loss {train_loss:.4g}, validation MRE {val_mre:.3f} mm"
+                         + (" (best)" if improved else ""))
 
 
 def _synthesis_setup(options: TrainOptions, schema, splits):
@@ -237,7 +270,7 @@ def _synthesis_setup(options: TrainOptions, schema, splits):
     drawn from by synth.py. Validation: a fixed set of synthetic samples from the validation cases (or,
     with one case, from the training case with other seeds)."""
     from .align import align, landmark_region, make_reference
-    from .io import read_volume
+    from .fileio import read_volume
     from .synth import SourceCase, SynthesisConfig, SynthesisDataset, reference_geometry
 
     synthesis = SynthesisConfig.load(options.synthesis)
@@ -291,7 +324,7 @@ def _validate(model: LandmarkModel, dataset, device) -> dict:
 def _evaluate_test_split(model_path: Path, cases, device) -> None:
     """Score the best model on the held-out test split and store the result in its metadata."""
     from .detect import detect_image
-    from .io import read_volume
+    from .fileio import read_volume
     from .modelfile import load_model
 
     model = load_model(model_path, device)
@@ -341,61 +374,3 @@ def _tensorboard(folder: Path):
     except ImportError:  # TensorBoard is optional: the CSV log always exists
         return None
     return SummaryWriter(str(folder))
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-def _options_record(options: TrainOptions) -> dict:
-    record = dataclasses.asdict(options)
-    return {key: (list(v) if isinstance(v, tuple) else v) for key, v in record.items() if key in _FIXED_ON_RESUME}
-
-
-def _save_checkpoint(path, options, network, optimizer, scheduler, state) -> None:
-    """Weights, optimizer moments and RNG state as tensors; everything else as JSON. No pickle."""
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    optimizer_state = optimizer.state_dict()
-    scalars = {}
-    for index, param_state in optimizer_state["state"].items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}/{key}"] = value
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
-    metadata = {"format": "LandmarkDetectionLib.checkpoint", "state": json.dumps(state),
-                "options": json.dumps(_options_record(options)),
-                "param_groups": json.dumps(optimizer_state["param_groups"]),
-                "optimizer_scalars": json.dumps(scalars), "scheduler": json.dumps(scheduler.state_dict())}
-    atomic_write_bytes(path, save_tensors(tensors, metadata=metadata))
-
-
-def _load_checkpoint(path, options, network, optimizer, scheduler) -> dict:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises several types for damaged files
-        raise LandmarkError(path, f"checkpoint is damaged ({error})") from None
-    if metadata.get("format") != "LandmarkDetectionLib.checkpoint":
-        raise LandmarkError(path, "not a training checkpoint of this program")
-    saved = json.loads(metadata["options"])
-    changed = [k for k, v in _options_record(options).items() if saved.get(k) != v]
-    if changed:
-        raise LandmarkError(path, f"--resume with changed options: {', '.join(changed)} (they must match the "
-                                  "interrupted run)")
-    network.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-    param_state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            _, index, name = key.split("/", 2)
-            param_state.setdefault(int(index), {})[name] = value
-    for key, value in json.loads(metadata["optimizer_scalars"]).items():
-        index, name = key.split("/", 1)
-        param_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": param_state, "param_groups": json.loads(metadata["param_groups"])})
-    scheduler.load_state_dict(json.loads(metadata["scheduler"]))
-    torch.set_rng_state(tensors["rng/torch"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
-    return json.loads(metadata["state"])

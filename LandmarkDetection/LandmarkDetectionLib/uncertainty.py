@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import chi2
 
-from .io import atomic_write_text
+from .fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from .schema import Schema

@@ -23,7 +23,7 @@ def run(argv=None) -> int:
     from LandmarkDetectionLib.data import input_volumes
     from LandmarkDetectionLib.detect import UncertaintyOptions, detect_many, detection_summary
     from LandmarkDetectionLib.errors import LandmarkError
-    from LandmarkDetectionLib.io import check_writable_dir
+    from LandmarkDetectionLib.fileio import check_writable_dir
     from LandmarkDetectionLib.modelfile import load_model
     from LandmarkDetectionLib.resources import bundled_model_path
     from LandmarkDetectionLib.runtime import pick_device

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from scipy.stats import chi2
 
 from . import figures
-from .io import atomic_write_text
+from .fileio import atomic_write_text
 from .metrics import SDR_THRESHOLDS_MM
 
 
@@ -78,23 +78,6 @@ def error_figure(schema, errors, path):
     right.set_title("Successful detection rate", fontsize=9)
     for x, value in enumerate(sdr):
         right.text(x, value + 2, f"{value:.0f}", ha="center", fontsize=8)
-    figure.tight_layout()
-    figures.save(figure, path)
-
-
-def uncertainty_figure(schema, errors, semi_axes, flag_mm, path):
-    figure, ax = figures.plt.subplots(figsize=(5.5, 4.5))
-    ax.scatter(semi_axes, errors, s=18)
-    for name, x, y in zip(schema.names, semi_axes, errors):
-        ax.annotate(name, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.axvline(flag_mm, color="red", lw=0.8, ls="--", label=f"flag threshold {flag_mm:g} mm")
-    ax.set_xlabel("uncertainty: longest semi-axis of the 90% ellipsoid (mm)")
-    ax.set_ylabel("radial error (mm)")
-    if len(errors) > 2:
-        from scipy.stats import spearmanr
-
-        ax.set_title(f"Uncertainty vs error (Spearman {spearmanr(semi_axes, errors).statistic:.2f})", fontsize=9)
-    ax.legend(fontsize=8)
     figure.tight_layout()
     figures.save(figure, path)
 
