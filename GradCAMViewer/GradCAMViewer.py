@@ -1,11 +1,11 @@
 """GradCAMViewer: 3D Grad-CAM per landmark, to see where a landmark model looked and to compare two
 models side by side. Computation runs in a separate ``PythonSlicer -m LandmarkDetectionLib gradcam``
-process; results are cached volume nodes shown as coloured overlays."""
+process (a BackendJob of the shared app layer); results are cached volume nodes shown as coloured
+overlays."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import time
 from pathlib import Path
 
 import qt
@@ -36,8 +36,8 @@ class GradCAMViewer(ScriptedLoadableModule):
 @parameterNodeWrapper
 class GradCAMViewerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
-    modelPath: Path = Path()
-    compareModelPath: Path = Path()
+    modelPath: str = ""  # empty: the bundled model (str: an empty Path would show as ".")
+    compareModelPath: str = ""
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: Annotated[float, WithinRange(0.0, 0.95)] = 0.2
     volumeRendering: bool = False
@@ -50,7 +50,8 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._process = None
+        self._job = None
+        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -62,16 +63,32 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.computeButton.connect("clicked(bool)", self.onCompute)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.landmarkTreeWidget.connect("currentItemChanged(QTreeWidgetItem*,QTreeWidgetItem*)", self.onLandmarkChanged)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.populateLandmarks)
+        # The model paths are synced by hand (see onModelPathChanged): the tree is then built from the path
+        # just chosen, whatever order Qt calls the slots in.
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.compareModelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.ui.exportScreenshotButton.connect("clicked(bool)", self.onExportScreenshot)
         self.ui.exportVolumesButton.connect("clicked(bool)", self.onExportVolumes)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.setParameterNode(self.logic.getParameterNode())
         self.populateLandmarks()
 
     def cleanup(self) -> None:
-        if self._process is not None:
-            self._process.cancel()
+        if self._job is not None:
+            self._job.cancel()
         self.removeObservers()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """The scene's nodes go away with it: so do the cached maps, positions and the focus table view."""
+        self.logic.clear()
+        self.ui.focusTableView.setMRMLTableNode(None)
+
+    def onModelPathChanged(self, *_) -> None:
+        if self._parameterNode is None:
+            return
+        self._parameterNode.modelPath = self.ui.modelPathLineEdit.currentPath
+        self._parameterNode.compareModelPath = self.ui.compareModelPathLineEdit.currentPath
+        self.populateLandmarks()
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:
@@ -79,15 +96,19 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersChanged)
         self._parameterNode = parameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            from LandmarkDetectionAppLib.gui import connect_parameters
+
+            self._parameterNodeGuiTag = connect_parameters(self._parameterNode, self.ui)
+            self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
+            self.ui.compareModelPathLineEdit.currentPath = self._parameterNode.compareModelPath
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersChanged)
             self.onParametersChanged()
 
     def onParametersChanged(self, caller=None, event=None) -> None:
-        running = self._process is not None
+        running = self._job is not None
         self.ui.computeButton.enabled = bool(self._parameterNode.inputVolume) and not running
         self.ui.cancelButton.enabled = running
-        self.showCurrent()
+        self.showCurrent(recentre=False)  # opacity or threshold changed: keep the views where they are
 
     def populateLandmarks(self, *_):
         """Landmarks of the model's schema, grouped by sub-anatomy, checkable."""
@@ -117,7 +138,8 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return names
 
     def onCompute(self) -> None:
-        from LandmarkDetectionGUI import ensure_dependencies
+        from LandmarkDetectionAppLib.dependencies import ensure_dependencies
+        from LandmarkDetectionAppLib.gui import poll_job
 
         landmarks = self.checkedLandmarks()
         if not landmarks and self.currentLandmark():
@@ -134,32 +156,36 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = True
         self.ui.progressBar.maximum = 0  # busy
         self.ui.statusLabel.text = f"Computing Grad-CAM for {len(todo)} landmark(s)..."
-        self._process = self.logic.start(self._parameterNode, todo, self.onProgress, self.onFinished)
+        self._job = self.logic.start(self._parameterNode, todo, self.onProgress, self.onFinished)
+        if not self._job.finished:
+            self._timer = poll_job(self._job)
         self.onParametersChanged()
 
     def onCancel(self) -> None:
-        if self._process is not None:
-            self._process.cancel()
+        if self._job is not None:
+            self._job.cancel()
 
     def onProgress(self, record) -> None:
         if "message" in record:
             self.ui.statusLabel.text = record["message"]
 
-    def onFinished(self, ok: bool, message: str) -> None:
-        process, self._process = self._process, None
+    def onFinished(self, job, outcome) -> None:
+        self._job = None
         self.ui.progressBar.visible = False
         try:
-            if ok:
-                self.logic.finish(process, self._parameterNode)
-                self.ui.focusTableView.setMRMLTableNode(self.logic.cache.focus_tables.get(process.stem))
-                self.ui.statusLabel.text = "Done. Click a landmark to show its map."
-                self.showCurrent()
+            if outcome.ok:
+                with slicer.util.tryWithErrorDisplay("Could not load the Grad-CAM maps."):
+                    table = self.logic.finish(job)
+                    self.ui.focusTableView.setMRMLTableNode(table)
+                    self.ui.statusLabel.text = "Done. Click a landmark to show its map."
+                    self.showCurrent()
             else:
-                self.ui.statusLabel.text = f"Grad-CAM failed: {message}"
-                if message != "Cancelled.":
-                    slicer.util.errorDisplay(f"Grad-CAM failed:\n{message}")
+                self.ui.statusLabel.text = f"Grad-CAM failed: {outcome.message}"
+                if outcome.message != "Cancelled.":
+                    slicer.util.errorDisplay(f"Grad-CAM failed:\n{outcome.message}")
+        except Exception:  # noqa: BLE001 - shown by tryWithErrorDisplay; the UI must not stay stuck
+            self.ui.statusLabel.text = "Could not load the Grad-CAM maps; see the Python console."
         finally:
-            self.logic.cleanup(process)
             self.onParametersChanged()
 
     def currentLandmark(self):
@@ -169,10 +195,10 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLandmarkChanged(self, current, previous) -> None:
         self.showCurrent()
 
-    def showCurrent(self) -> None:
+    def showCurrent(self, recentre: bool = True) -> None:
         name = self.currentLandmark()
         if name and self._parameterNode is not None:
-            self.logic.show(self._parameterNode, name)
+            self.logic.show(self._parameterNode, name, recentre)
 
     def onExportScreenshot(self) -> None:
         path = qt.QFileDialog.getSaveFileName(None, "Save screenshot", "gradcam.png", "PNG (*.png)")
@@ -196,19 +222,22 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
         self.cache = CamCache(slicer.mrmlScene)
         self.positions = {}
 
+    def clear(self) -> None:
+        """Forget cached maps and positions (their nodes left with the scene)."""
+        from GradCAMViewerLib import CamCache
+
+        self.cache = CamCache(slicer.mrmlScene)
+        self.positions = {}
+
     def getParameterNode(self):
         return GradCAMViewerParameterNode(super().getParameterNode())
-
-    @staticmethod
-    def _path(value):
-        return Path(value) if value and str(value) not in ("", ".") else None
 
     def modelPaths(self, parameters) -> list[Path]:
         from LandmarkDetectionLib.resources import bundled_model_path
 
-        paths = [self._path(parameters.modelPath) or bundled_model_path()]
-        if self._path(parameters.compareModelPath):
-            paths.append(self._path(parameters.compareModelPath))
+        paths = [Path(parameters.modelPath) if parameters.modelPath else bundled_model_path()]
+        if parameters.compareModelPath:
+            paths.append(Path(parameters.compareModelPath))
         return paths
 
     def modelLabels(self, parameters) -> list[str]:
@@ -220,37 +249,43 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
 
         return schema_from_dict(read_header(self.modelPaths(parameters)[0]).schema)
 
-    def start(self, parameters, landmarks, onProgress, onFinished):
+    def start(self, parameters, landmarks, onProgress, onFinished, processFactory=None):
+        """Compute Grad-CAM of ``landmarks`` in a BackendJob; ``onFinished(job, outcome)`` at the end."""
         import SimpleITK as sitk
-        from LandmarkDetectionGUI import BackendProcess
+        from LandmarkDetectionAppLib.job import BackendJob, TreeProcess
         from LandmarkDetectionLib.mrml import volume_to_image
 
-        work = Path(tempfile.mkdtemp(prefix="GradCAMViewer-"))
-        stem = "volume"
-        sitk.WriteImage(volume_to_image(parameters.inputVolume), str(work / f"{stem}.nrrd"), True)
-        models = [str(p) for p in self.modelPaths(parameters)]
-        selection = ["--compare", *models] if len(models) == 2 else ["--model", models[0]]
-        arguments = ["gradcam", *selection, "--input", str(work / f"{stem}.nrrd"), "--output", str(work / "out"),
-                     "--landmarks", ",".join(landmarks)]
-        process = BackendProcess(arguments, onProgress, onFinished)
-        process.work, process.stem, process.landmarks = work, stem, landmarks
-        process.start()
-        return process
+        snapshot = {"inputVolume": parameters.inputVolume, "models": [str(p) for p in self.modelPaths(parameters)],
+                    "labels": self.modelLabels(parameters), "landmarks": list(landmarks)}
 
-    def finish(self, process, parameters) -> None:
+        def arguments(job):
+            models = snapshot["models"]
+            selection = ["--compare", *models] if len(models) == 2 else ["--model", models[0]]
+            return ["gradcam", *selection, "--input", str(job.input_path("volume")), "--output", str(job.output_dir),
+                    "--landmarks", ",".join(snapshot["landmarks"])]
+
+        def export(job):
+            sitk.WriteImage(volume_to_image(snapshot["inputVolume"]), str(job.input_path("volume")), True)
+
+        job = BackendJob(arguments, onProgress, lambda outcome: onFinished(job, outcome), snapshot,
+                         processFactory or TreeProcess)
+        job.start(export)
+        return job
+
+    def finish(self, job):
+        """Load a finished job's maps into the cache; returns the run's focus table node."""
         import csv
 
-        self.cache.load(process.work / "out", process.stem, self.modelLabels(parameters), process.landmarks)
-        focus = process.work / "out" / f"{process.stem}_gradcam_focus.csv"
+        snapshot = job.parameters
+        self.cache.load(job.output_dir, "volume", snapshot["labels"], snapshot["landmarks"])
+        focus = job.output_dir / "volume_gradcam_focus.csv"
         for row in csv.DictReader(focus.open(encoding="utf-8")):
             self.positions[row["landmark"]] = [float(row[k]) for k in ("x", "y", "z")]
+        return self.cache.focus_tables.get("volume")
 
-    def cleanup(self, process) -> None:
-        if process is not None:
-            shutil.rmtree(process.work, ignore_errors=True)
-
-    def show(self, parameters, landmark: str) -> None:
-        """Cached maps of ``landmark``: one model in every slice view, or two side by side in linked views."""
+    def show(self, parameters, landmark: str, recentre: bool = True) -> None:
+        """Cached maps of ``landmark``: one model in every slice view, or two side by side in linked views
+        (both views axial, so the same anatomy faces the same way); ``recentre`` jumps to the landmark."""
         from GradCAMViewerLib import configure_overlay, landmark_marker
 
         labels = self.modelLabels(parameters)
@@ -263,6 +298,7 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
         if len(nodes) == 2:
             layout.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
             for view, node in zip(("Red", "Yellow"), nodes):
+                layout.sliceWidget(view).mrmlSliceNode().SetOrientation("Axial")
                 composite = layout.sliceWidget(view).sliceLogic().GetSliceCompositeNode()
                 composite.SetBackgroundVolumeID(parameters.inputVolume.GetID())
                 composite.SetForegroundVolumeID(node.GetID())
@@ -273,7 +309,8 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
                                              foregroundOpacity=parameters.opacity)
         if landmark in self.positions:
             landmark_marker(slicer.mrmlScene, landmark, self.positions[landmark])
-            slicer.modules.markups.logic().JumpSlicesToLocation(*self.positions[landmark], True)
+            if recentre:
+                slicer.modules.markups.logic().JumpSlicesToLocation(*self.positions[landmark], True)
         rendering = slicer.modules.volumerendering.logic()
         for node in self.cache.nodes.values():
             display = rendering.GetFirstVolumeRenderingDisplayNode(node)
@@ -299,35 +336,28 @@ class GradCAMViewerTest(ScriptedLoadableModuleTest):
         self.test_ComputeAndShow()
 
     def test_ComputeAndShow(self):
-        from LandmarkDetectionGUI import backend_command, dependencies_missing
+        from LandmarkDetectionAppLib.dependencies import dependencies_missing
 
         if dependencies_missing():
             self.delayDisplay(f"Skipped: missing Python packages {dependencies_missing()}")
             return
-        import subprocess
-
         import LandmarkDetection
 
         logic = GradCAMViewerLogic()
         parameters = logic.getParameterNode()
         parameters.inputVolume = LandmarkDetection.LandmarkDetectionLogic().loadSample()
-        work = Path(tempfile.mkdtemp())
-        import SimpleITK as sitk
-        from LandmarkDetectionLib.mrml import volume_to_image
+        outcomes = []
 
-        sitk.WriteImage(volume_to_image(parameters.inputVolume), str(work / "volume.nrrd"))
-        result = subprocess.run(backend_command("gradcam", "--model", str(logic.modelPaths(parameters)[0]), "--input",
-                                                str(work / "volume.nrrd"), "--output", str(work / "out"),
-                                                "--landmarks", "AC,PC"), capture_output=True, text=True)
-        self.assertEqual(result.returncode, 0, result.stderr)
+        def finished(job, outcome):
+            outcomes.append(outcome)
+            if outcome.ok:
+                logic.finish(job)
 
-        class Finished:
-            pass
-
-        process = Finished()
-        process.work, process.stem, process.landmarks = work, "volume", ["AC", "PC"]
-        logic.finish(process, parameters)
+        job = logic.start(parameters, ["AC", "PC"], lambda record: None, finished)
+        while not job.finished:
+            job.poll()
+            time.sleep(0.1)
+        self.assertTrue(outcomes[0].ok, outcomes[0].message)
         logic.show(parameters, "AC")
         self.assertIsNotNone(logic.cache.get(logic.modelLabels(parameters)[0], "PC"))
-        shutil.rmtree(work, ignore_errors=True)
         self.delayDisplay("Grad-CAM computed and shown for AC and PC")

@@ -1,14 +1,12 @@
 """LandmarkDetection: one-click detection of every landmark of a loaded MRI volume, with uncertainty
-ellipsoids, in 3D Slicer. The widget is thin; the Logic works without a GUI; the heavy lifting runs in a
-separate ``PythonSlicer -m LandmarkDetectionLib detect`` process so the GUI never freezes."""
+ellipsoids and scan planes, in 3D Slicer. The widget is thin; the Logic works without a GUI; the heavy
+lifting runs in a separate ``PythonSlicer -m LandmarkDetectionLib detect`` process (a BackendJob of the
+shared app layer, LandmarkDetectionAppLib) so the GUI never freezes."""
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,25 +43,31 @@ class LandmarkDetection(ScriptedLoadableModule):
 
 
 def registerSampleData():
-    """Register the sample brain in the SampleData module, checked by the same SHA-256 as the backend's.
-    The file is fetched with pip into the backend's cache; SampleData copies it from there."""
+    """Register the sample brain in the Sample Data module. Its button downloads through the backend's
+    fetch (pip, SHA-256 checked), so it works before 'Load sample' was ever clicked. Imports nothing
+    heavy: this runs at every Slicer start."""
     import SampleData
 
-    from LandmarkDetectionLib.sample_data import cache_dir, manifest
-
-    member, digest = manifest()["files"]["t1w"]
-    name = Path(member).name
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="Landmark Detection", sampleName=SAMPLE_NAME,
+        category="Landmark Detection", sampleName=SAMPLE_NAME, customDownloader=downloadSample,
         thumbnailFileName=str(Path(__file__).parent / "Resources" / "Icons" / "LandmarkDetection.png"),
-        uris=(cache_dir() / "sample" / name).as_uri(), fileNames=name, nodeNames=SAMPLE_NAME,
-        checksums=f"SHA256:{digest}")
+        nodeNames=SAMPLE_NAME)
+
+
+def downloadSample(source=None):
+    """Fetch the sample T1w template (cached after the first time) and load it as a volume node."""
+    from LandmarkDetectionLib.sample_data import fetch_sample
+
+    with slicer.util.tryWithErrorDisplay("Could not download the sample brain.", waitCursor=True):
+        node = slicer.util.loadVolume(str(fetch_sample().t1w))
+        node.SetName(SAMPLE_NAME)
+        return node
 
 
 @parameterNodeWrapper
 class LandmarkDetectionParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
-    modelPath: Path = Path()  # empty: the bundled demo model
+    modelPath: str = ""  # empty: the bundled model (a str: an empty Path would show as "." in the GUI)
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     uncertaintyPasses: Annotated[int, WithinRange(0, 1000)] = 50
     confidenceLevel: Annotated[float, WithinRange(0.5, 0.999)] = 0.9
@@ -80,6 +84,8 @@ class DetectionResults:
     planes: Optional[object] = None  # planes.PlaneSet computed from the landmarks
     planeNodes: list = field(default_factory=list)
     acpcTransform: Optional[object] = None  # subject -> AC-PC transform node, for the user to apply
+    volume: Optional[object] = None  # the volume node the landmarks belong to
+    schema: Optional[object] = None
 
 
 class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -89,7 +95,8 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._process = None
+        self._job = None
+        self._timer = None
         self._results = None
 
     def setup(self) -> None:
@@ -108,11 +115,12 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.showEllipsoidsCheckBox.connect("toggled(bool)", self.onShowEllipsoids)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onTableClicked)
         self.ui.reformatButton.connect("clicked(bool)", self.onReformat)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._process is not None:
-            self._process.cancel()
+        if self._job is not None:
+            self._job.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -126,6 +134,9 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        self._results = None
+        self.ui.planeComboBox.clear()
+        self.ui.planeComboBox.enabled = self.ui.reformatButton.enabled = self.ui.exportButton.enabled = False
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -144,12 +155,20 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            from LandmarkDetectionAppLib.gui import connect_parameters
+
+            self._parameterNodeGuiTag = connect_parameters(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
             self._checkCanDetect()
 
+    def onModelPathChanged(self, path: str) -> None:
+        if self._parameterNode and self._parameterNode.modelPath != path:
+            self._parameterNode.modelPath = path
+
     def _checkCanDetect(self, caller=None, event=None) -> None:
-        running = self._process is not None
+        if self._parameterNode and self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelPath:
+            self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
+        running = self._job is not None
         ready = bool(self._parameterNode and self._parameterNode.inputVolume)
         self.ui.detectButton.enabled = ready and not running
         self.ui.detectButton.toolTip = "Detect every landmark of the input volume." if ready else "Select an input volume."
@@ -161,20 +180,22 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._parameterNode.inputVolume = self.logic.loadSample()
 
     def onDetect(self) -> None:
-        from LandmarkDetectionGUI import ensure_dependencies
+        from LandmarkDetectionAppLib.dependencies import ensure_dependencies
+        from LandmarkDetectionAppLib.gui import poll_job
 
         if not ensure_dependencies():
             return
-        parameters = self._parameterNode
         self.ui.progressBar.visible = True
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = "Detecting..."
-        self._process = self.logic.startDetection(parameters, self.onProgress, self.onFinished)
+        self._job = self.logic.startDetection(self._parameterNode, self.onProgress, self.onFinished)
+        if not self._job.finished:  # a job that could not start has already reported it
+            self._timer = poll_job(self._job)
         self._checkCanDetect()
 
     def onCancel(self) -> None:
-        if self._process is not None:
-            self._process.cancel()
+        if self._job is not None:
+            self._job.cancel()
 
     def onProgress(self, record: dict) -> None:
         if "message" in record:
@@ -182,35 +203,38 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         elif record.get("total"):
             self.ui.progressBar.maximum = int(record["total"])
             self.ui.progressBar.value = int(record["step"])
-        slicer.app.processEvents()
 
-    def onFinished(self, ok: bool, message: str) -> None:
-        process, self._process = self._process, None
+    def onFinished(self, job, outcome) -> None:
+        """The job ended: load its results into the scene (for the volume and model it ran with), or say why
+        not. The UI is reset whatever happens."""
+        self._job = None
         self.ui.progressBar.visible = False
         try:
-            if ok:
-                self._results = self.logic.finishDetection(process, self._parameterNode)
-                self.ui.resultsTableView.setMRMLTableNode(self._results.table)
-                self.ui.exportButton.enabled = True
-                self.ui.planeComboBox.clear()
-                for name in (self._results.planes.planes if self._results.planes else {}):
-                    self.ui.planeComboBox.addItem(name)
-                self.ui.planeComboBox.enabled = self.ui.reformatButton.enabled = self.ui.planeComboBox.count > 0
-                flagged = sum(1 for i in range(self._results.table.GetNumberOfRows())
-                              if self._results.table.GetCellText(i, 6) == "1")
-                self.ui.statusLabel.text = (f"Detected {self._results.table.GetNumberOfRows()} landmarks; "
-                                            f"{flagged} flagged as uncertain.")
+            if outcome.ok:
+                with slicer.util.tryWithErrorDisplay("Could not load the detection results."):
+                    self._results = self.logic.loadJobResults(job)
+                    self.showResults()
             else:
-                self.ui.statusLabel.text = f"Detection failed: {message}"
-                if message != "Cancelled.":
-                    logging.error("LandmarkDetection: %s", message)
-                    slicer.util.errorDisplay(f"Landmark detection failed:\n{message}")
-        except Exception as error:  # reading results failed: report it, the scene stays as it was
-            logging.exception("LandmarkDetection: loading results failed")
-            slicer.util.errorDisplay(f"Could not load the detection results:\n{error}")
+                self.ui.statusLabel.text = f"Detection failed: {outcome.message}"
+                if outcome.message != "Cancelled.":
+                    logging.error("LandmarkDetection: %s", outcome.message)
+                    slicer.util.errorDisplay(f"Landmark detection failed:\n{outcome.message}")
+        except Exception:  # noqa: BLE001 - already shown by tryWithErrorDisplay; the UI must not stay stuck
+            self.ui.statusLabel.text = "Could not load the detection results; see the Python console."
         finally:
-            self.logic.cleanup(process)
             self._checkCanDetect()
+
+    def showResults(self) -> None:
+        results = self._results
+        self.ui.resultsTableView.setMRMLTableNode(results.table)
+        self.ui.exportButton.enabled = True
+        self.ui.planeComboBox.clear()
+        for name in (results.planes.planes if results.planes else {}):
+            self.ui.planeComboBox.addItem(name)
+        self.ui.planeComboBox.enabled = self.ui.reformatButton.enabled = self.ui.planeComboBox.count > 0
+        flagged = sum(1 for i in range(results.table.GetNumberOfRows()) if results.table.GetCellText(i, 6) == "1")
+        self.ui.statusLabel.text = (f"Detected {results.table.GetNumberOfRows()} landmarks; "
+                                    f"{flagged} flagged as uncertain.")
 
     def onShowEllipsoids(self, visible: bool) -> None:
         if self._results is not None:
@@ -219,11 +243,19 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             set_visibility(self._results.ellipsoids, visible)
 
     def onTableClicked(self, index) -> None:
+        """Centre the slice views on the clicked row's landmark, where it is now (it may have been moved)."""
         if self._results is None:
             return
-        table = self._results.table
-        r, a, s = (float(table.GetCellText(index.row(), column)) for column in (2, 3, 4))
-        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+        from LandmarkDetectionLib.mrml import landmarks_from_markups, table_row, table_row_landmark
+
+        view = self.ui.resultsTableView
+        row = table_row(self._results.table, view.sortFilterProxyModel().mapToSource(index).row())
+        if row < 0:
+            return
+        index = self._results.schema.lookup(table_row_landmark(self._results.table, row))
+        if index is not None:
+            r, a, s = landmarks_from_markups(self._results.markups, self._results.schema)[index]
+            slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
 
     def onReformat(self) -> None:
         if self._results is None or self._results.planes is None:
@@ -256,94 +288,91 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
     def modelPath(parameters) -> Path:
         from LandmarkDetectionLib.resources import bundled_model_path
 
-        path = Path(parameters.modelPath) if parameters.modelPath and str(parameters.modelPath) not in ("", ".") else None
-        return path or bundled_model_path()
+        return Path(parameters.modelPath) if parameters.modelPath else bundled_model_path()
 
     def loadSample(self):
-        """Fetch the sample brain (pip, SHA-256 checked) and load it through the SampleData module."""
-        import SampleData
+        """Fetch the sample brain (pip, SHA-256 checked) and load it."""
+        return downloadSample()
 
-        from LandmarkDetectionLib.sample_data import fetch_sample
+    def snapshot(self, parameters) -> dict:
+        """What a run uses, fixed when it starts: results attach to this volume and model."""
+        return {"inputVolume": parameters.inputVolume, "modelPath": self.modelPath(parameters),
+                "device": parameters.device, "uncertaintyPasses": parameters.uncertaintyPasses,
+                "confidenceLevel": parameters.confidenceLevel, "flagThresholdMm": parameters.flagThresholdMm,
+                "showEllipsoids": parameters.showEllipsoids}
 
-        fetch_sample()
-        registerSampleData()
-        return SampleData.downloadSample(SAMPLE_NAME)
+    @staticmethod
+    def detectionArguments(snapshot: dict, inputPath: Path, outputDir: Path) -> list[str]:
+        return ["detect", "--model", str(snapshot["modelPath"]), "--input", str(inputPath), "--output",
+                str(outputDir), "--device", snapshot["device"], "--uncertainty", str(snapshot["uncertaintyPasses"]),
+                "--level", str(snapshot["confidenceLevel"]), "--flag-mm", str(snapshot["flagThresholdMm"])]
 
-    def detectionArguments(self, parameters, inputPath: Path, outputDir: Path) -> list[str]:
-        return ["detect", "--model", str(self.modelPath(parameters)), "--input", str(inputPath), "--output",
-                str(outputDir), "--device", parameters.device, "--uncertainty", str(parameters.uncertaintyPasses),
-                "--level", str(parameters.confidenceLevel), "--flag-mm", str(parameters.flagThresholdMm)]
-
-    def _prepare(self, volumeNode):
-        """Write the volume (with its world geometry) to a temporary folder for the backend process."""
+    def startDetection(self, parameters, onProgress, onFinished, processFactory=None):
+        """Start detection in a separate process; returns the BackendJob (``cancel()`` stops it, ``poll()``
+        delivers progress and, at the end, ``onFinished(job, outcome)``)."""
         import SimpleITK as sitk
-
+        from LandmarkDetectionAppLib.job import BackendJob, TreeProcess
         from LandmarkDetectionLib.mrml import volume_to_image
 
-        work = Path(tempfile.mkdtemp(prefix="LandmarkDetection-"))
-        name = "".join(c if c.isalnum() or c in "-_" else "_" for c in volumeNode.GetName()) or "volume"
-        inputPath = work / f"{name}.nrrd"
-        sitk.WriteImage(volume_to_image(volumeNode), str(inputPath), True)
-        return work, inputPath
+        snapshot = self.snapshot(parameters)
+        name = snapshot["inputVolume"].GetName()
 
-    def startDetection(self, parameters, onProgress, onFinished):
-        """Start detection in a separate process (GUI use); returns the process, which ``cancel()`` stops."""
-        from LandmarkDetectionGUI import BackendProcess
+        def export(job):
+            sitk.WriteImage(volume_to_image(snapshot["inputVolume"]), str(job.input_path(name)), True)
 
-        work, inputPath = self._prepare(parameters.inputVolume)
-        process = BackendProcess(self.detectionArguments(parameters, inputPath, work / "out"), onProgress, onFinished)
-        process.work, process.inputPath = work, inputPath
-        process.start()
-        return process
+        job = BackendJob(lambda job: self.detectionArguments(snapshot, job.input_path(name), job.output_dir),
+                         onProgress, lambda outcome: onFinished(job, outcome), snapshot,
+                         processFactory or TreeProcess)
+        job.start(export)
+        return job
 
     def runDetection(self, parameters) -> DetectionResults:
         """The same detection, blocking (self-test, scripts)."""
-        from LandmarkDetectionGUI import backend_command
+        results, failure = [], []
 
-        work, inputPath = self._prepare(parameters.inputVolume)
-        try:
-            result = subprocess.run(backend_command(*self.detectionArguments(parameters, inputPath, work / "out")),
-                                    capture_output=True, text=True,
-                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])})
-            if result.returncode != 0:
-                raise RuntimeError((result.stderr.strip().splitlines() or ["detection failed"])[-1])
-            return self.loadResults(parameters, work / "out", inputPath.name[: -len(".nrrd")])
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        def finished(job, outcome):
+            if outcome.ok:
+                results.append(self.loadJobResults(job))
+            else:
+                failure.append(outcome.message)
 
-    def finishDetection(self, process, parameters) -> DetectionResults:
-        return self.loadResults(parameters, process.work / "out", process.inputPath.name[: -len(".nrrd")])
+        job = self.startDetection(parameters, lambda record: None, finished)
+        while not job.finished:
+            job.poll()
+            time.sleep(0.1)
+        if failure:
+            raise RuntimeError(failure[0])
+        return results[0]
 
-    def cleanup(self, process) -> None:
-        if process is not None and getattr(process, "work", None):
-            shutil.rmtree(process.work, ignore_errors=True)
+    def loadJobResults(self, job) -> DetectionResults:
+        name = job.input_path(job.parameters["inputVolume"].GetName()).name[: -len(".nrrd")]
+        return self.loadResults(job.parameters, job.output_dir, name)
 
-    def loadResults(self, parameters, outputDir: Path, name: str) -> DetectionResults:
+    def loadResults(self, snapshot: dict, outputDir: Path, name: str) -> DetectionResults:
         """Read everything first, then add nodes: a failure leaves the scene unchanged."""
         from LandmarkDetectionLib import mrml
         from LandmarkDetectionLib.fileio import read_landmarks
         from LandmarkDetectionLib.modelheader import read_header
         from LandmarkDetectionLib.schema import schema_from_dict
 
-        schema = schema_from_dict(read_header(self.modelPath(parameters)).schema)
+        schema = schema_from_dict(read_header(snapshot["modelPath"]).schema)
         coords = read_landmarks(outputDir / f"{name}.mrk.json", schema)
         uncertainty = None
         if (outputDir / f"{name}.uncertainty.json").exists():
             from LandmarkDetectionLib.uncertainty import read_uncertainty
 
             uncertainty, _ = read_uncertainty(outputDir / f"{name}.uncertainty.json")
-        volume = parameters.inputVolume
+        volume = snapshot["inputVolume"]
         scene = volume.GetScene()
         folder = mrml.results_folder(scene, volume, f"{volume.GetName()} landmarks")
-        results = DetectionResults(folder)
+        results = DetectionResults(folder, volume=volume)
         results.markups = mrml.add_landmarks(scene, schema, coords, folder, prefix=f"{volume.GetName()} ")
         if uncertainty is not None:
-            results.ellipsoids = mrml.add_ellipsoids(scene, schema, uncertainty, parameters.flagThresholdMm, folder,
+            results.ellipsoids = mrml.add_ellipsoids(scene, schema, uncertainty, snapshot["flagThresholdMm"], folder,
                                                      prefix=f"{volume.GetName()} ")
-            mrml.set_visibility(results.ellipsoids, parameters.showEllipsoids)
-        results.table = mrml.add_results_table(scene, schema, coords, uncertainty, parameters.flagThresholdMm, folder,
-                                               f"{volume.GetName()} landmarks")
+            mrml.set_visibility(results.ellipsoids, snapshot["showEllipsoids"])
+        results.table = mrml.add_results_table(scene, schema, coords, uncertainty, snapshot["flagThresholdMm"],
+                                               folder, f"{volume.GetName()} landmarks")
         results.schema = schema
         self.addPlanes(results, schema, coords, uncertainty, volume)
         return results
@@ -371,7 +400,7 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
         from LandmarkDetectionLib.mrml import landmarks_from_markups
 
         coords = landmarks_from_markups(results.markups, results.schema)
-        name = parameters.inputVolume.GetName()
+        name = results.volume.GetName()
         paths = [folder / f"{name}.mrk.json", folder / f"{name}.csv"]
         for path in paths:
             if path.exists() and not slicer.util.confirmOkCancelDisplay(f"{path} exists. Replace it?"):
@@ -392,7 +421,7 @@ class LandmarkDetectionTest(ScriptedLoadableModuleTest):
         self.test_DetectSampleBrain()
 
     def test_DetectSampleBrain(self):
-        from LandmarkDetectionGUI import dependencies_missing
+        from LandmarkDetectionAppLib.dependencies import dependencies_missing
 
         if dependencies_missing():
             self.delayDisplay(f"Skipped: missing Python packages {dependencies_missing()}")

@@ -152,3 +152,12 @@ def test_slice_view_reformats_onto_a_plane(mrml_scene, acpc_planes):
     slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
     assert np.allclose(slice_to_ras[:3, 2], plane.normal, atol=1e-6)  # the view looks along the normal
     assert abs(plane.distances(slice_to_ras[:3, 3][None])[0]) < 1e-6  # and its centre lies on the plane
+
+
+def test_results_table_is_locked_and_view_rows_map_to_table_rows(mrml_scene, afids32):
+    coords = np.arange(96, dtype=float).reshape(32, 3)
+    table = mrml.add_results_table(mrml_scene, afids32, coords)
+    assert table.GetLocked()
+    assert mrml.table_row(table, 0) == 0 and mrml.table_row_landmark(table, mrml.table_row(table, 5)) == "RSLMS"
+    (getattr(table, "SetUseColumnTitleAsColumnHeader", None) or table.SetUseColumnNameAsColumnHeader)(False)
+    assert mrml.table_row(table, 1) == 0  # the header row of names comes first in the view

@@ -99,3 +99,54 @@ def test_batch_script_one_line_per_volume_and_exit_code(tiny_dataset, tmp_path):
     assert bad.returncode == 1
     assert "FAILED empty.nii.gz" in bad.stdout and "2 of 3 volume(s) succeeded" in bad.stdout
     assert (tmp_path / "out2" / "case00.mrk.json").exists() and (tmp_path / "out2" / "case01.mrk.json").exists()
+
+
+def test_every_resource_the_backend_reads_is_copied_into_the_build_tree():
+    """Schemas, settings, the sample manifest, requirements and bundled models: listed one by one in the
+    extension's CMake, which copies them beside the backend in the build tree and installs them."""
+    from LandmarkDetectionLib.resources import BUNDLED_MODELS
+
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\s+(Resources/\S+)$", cmake, flags=re.MULTILINE))
+    read = {f"Resources/{p.relative_to(REPO / 'Resources')}" for pattern in ("Schemas/*.json", "Augmentation/*.json")
+            for p in (REPO / "Resources").glob(pattern)}
+    read |= {"Resources/SampleData.json", "Resources/requirements.txt"}
+    read |= {f"Resources/{path}" for path in BUNDLED_MODELS.values()}
+    assert read <= listed, f"read by the backend but not copied by CMake: {sorted(read - listed)}"
+    assert all((REPO / path).is_file() for path in listed)
+    assert "configure_file(${resource}" in cmake  # copied into the build tree, not only installed
+
+
+def test_pip_receives_a_list_of_arguments_so_windows_paths_survive():
+    sys.path.insert(0, str(REPO / "LandmarkDetection"))
+    from LandmarkDetectionAppLib.dependencies import pip_arguments
+    from pathlib import PureWindowsPath
+
+    arguments = pip_arguments(PureWindowsPath(r"C:\Users\me\Slicer\requirements.txt"),
+                              PureWindowsPath(r"C:\Temp\x-constraints.txt"))
+    assert type(arguments) is list  # slicer.util.pip_install accepts exactly a list (a tuple raises)
+    assert arguments == ["-r", r"C:\Users\me\Slicer\requirements.txt", "-c", r"C:\Temp\x-constraints.txt"]
+    source = (REPO / "LandmarkDetection" / "LandmarkDetectionAppLib" / "dependencies.py").read_text(encoding="utf-8")
+    assert "import slicer.packaging" in source and "prompt_install=False" in source
+    assert "invalidate_caches()" in source
+
+
+def test_the_model_header_is_read_without_torch():
+    """The Slicer modules list a model's landmarks before torch is installed."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+            "from LandmarkDetectionLib.modelheader import read_header\n"
+            "from LandmarkDetectionLib.resources import bundled_model_path\n"
+            "header = read_header(bundled_model_path())\n"
+            "print(header.schema['name'], len(header.schema['landmarks']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO / "LandmarkDetection"), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["afids-32", "32"]
+
+
+def test_module_files_use_the_shared_app_layer_only():
+    """No copy of the process or dependency code in the module files."""
+    for module_dir in MODULES:
+        source = (module_dir / f"{module_dir.name}.py").read_text(encoding="utf-8")
+        assert "QProcess" not in source and "pip_install" not in source and "mkdtemp" not in source
+        assert ".connectGui(" not in source  # returns no tag before Slicer 5.10

@@ -56,7 +56,10 @@ class CamCache:
             self.nodes[(label, name)] = node
             added.append(node)
         focus = Path(output_dir) / f"{stem}_gradcam_focus.csv"
-        if focus.exists():
+        if focus.exists():  # one focus table per volume, replaced by each run (not one more per run)
+            old = self.focus_tables.pop(stem, None)
+            if old is not None and self.scene.IsNodePresent(old):
+                self.scene.RemoveNode(old)
             self.focus_tables[stem] = focus_table(self.scene, focus, folder)
         return added
 

@@ -188,10 +188,21 @@ def add_results_table(scene, schema: Schema, coords_ras: np.ndarray, uncertainty
         values = (lm.name, lm.sub_anatomy, *coords_ras[i], semi[i], int(flagged[i]))
         for column, value in zip(columns, values):
             column.InsertNextValue(value)
+    # Column titles as the view's header (Slicer 5.8 renamed the setter), so view rows are table rows;
+    # locked: a results table is read, not edited.
+    (getattr(table, "SetUseColumnTitleAsColumnHeader", None) or table.SetUseColumnNameAsColumnHeader)(True)
+    table.SetLocked(True)
     table.Modified()
     if folder is not None:
         place(scene, table, folder)
     return table
+
+
+def table_row(table, view_row: int) -> int:
+    """The table row shown in row ``view_row`` of a (non-transposed) qMRMLTableView: without column titles as
+    the header, the view's first row holds the column names."""
+    titles = (getattr(table, "GetUseColumnTitleAsColumnHeader", None) or table.GetUseColumnNameAsColumnHeader)()
+    return view_row if titles else view_row - 1
 
 
 def table_row_landmark(table, row: int) -> str:

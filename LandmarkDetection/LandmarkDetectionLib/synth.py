@@ -38,10 +38,10 @@ from .resources import resources_dir
 class SynthesisConfig:
     real_probability: float = 0.25  # the real scan instead of random tissue intensities
     classes: int = 12  # tissue classes of the k-means label map
-    rotation_deg: float = 8.0  # residual pose after alignment, uniform +-
-    translation_mm: float = 8.0
-    scale: float = 0.10
-    shear: float = 0.04
+    rotation_deg: float = 4.0  # residual pose after alignment, uniform +-
+    translation_mm: float = 4.0
+    scale: float = 0.05
+    shear: float = 0.02
     flip_probability: float = 0.5
     deform_mm: float = 4.0  # large-scale displacement SD (drawn up to this), control points every:
     deform_spacing_mm: float = 40.0
