@@ -13,7 +13,6 @@ head says whether the input looks like a head MRI at all: the out-of-distributio
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,17 +117,17 @@ def landmark_region(reference: sitk.Image, landmarks_ras: np.ndarray, margin_mm:
     return mask
 
 
-def _registration(shrink, smooth_mm, iterations, seed, region=None):
+def _registration(iterations, seed, region=None, sampling=0.06):
+    """Mattes mutual information on one level (the caller makes the pyramid once: smoothing and shrinking
+    inside every Execute of a multi-start would cost more than the optimisation)."""
     method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(1)  # small images: one thread beats the per-iteration synchronisation
     if region is not None:
         method.SetMetricFixedMask(region)
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(0.25, seed)
+    method.SetMetricSamplingPercentage(sampling, seed)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetShrinkFactorsPerLevel(shrink)
-    method.SetSmoothingSigmasPerLevel(smooth_mm)
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, iterations, relaxationFactor=0.6)
     method.SetOptimizerScalesFromPhysicalShift()
     return method
@@ -137,17 +136,12 @@ def _registration(shrink, smooth_mm, iterations, seed, region=None):
 def _head_center_lps(image: sitk.Image) -> np.ndarray:
     """Centre of the upper part of the bright foreground: the head's centre whether or not the field of
     view includes the neck (a plain centre of mass would sit low on scans with a neck)."""
-    small = sitk.Resample(image, [max(2, int(round(n * s / 4.0))) for n, s in zip(image.GetSize(), image.GetSpacing())],
-                          sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                          [n * s / max(2, int(round(n * s / 4.0))) for n, s in zip(image.GetSize(), image.GetSpacing())],
-                          image.GetDirection(), 0.0, sitk.sitkFloat32)
+    small = make_reference(image, 2 * REFERENCE_SPACING_MM)
     array = sitk.GetArrayFromImage(small)
-    mask = array > np.percentile(array, 60)
-    k, j, i = np.nonzero(mask)
+    k, j, i = np.nonzero(array > np.percentile(array, 60))
     if len(i) < 8:
-        return np.array(Grid.of(image).center_ras() @ LPS_TO_RAS)
-    points = np.array([small.TransformContinuousIndexToPhysicalPoint((float(a), float(b), float(c)))
-                       for a, b, c in zip(i[::7], j[::7], k[::7])])
+        return Grid.of(image).center_ras() @ LPS_TO_RAS
+    points = Grid.of(small).to_ras(np.stack([i, j, k], -1).astype(float)) @ LPS_TO_RAS
     superior = points[:, 2] >= np.percentile(points[:, 2], 35)  # LPS z is superior
     return points[superior].mean(0)
 
@@ -158,7 +152,7 @@ def align(scan: sitk.Image, reference: sitk.Image, region: sitk.Image | None = N
     metric is taken inside ``region`` (see landmark_region) when given. An input registration cannot work
     on (nearly empty, constant) gets the head-centre translation and a similarity of 0."""
     fixed = sitk.Cast(reference, sitk.sitkFloat32)
-    moving = make_reference(scan, REFERENCE_SPACING_MM / 1.5)
+    moving = make_reference(scan, REFERENCE_SPACING_MM)
     reference_center = _head_center_lps(fixed)
     offset = _head_center_lps(moving) - reference_center
     try:
@@ -174,29 +168,32 @@ def align(scan: sitk.Image, reference: sitk.Image, region: sitk.Image | None = N
 
 
 def _register(fixed, moving, region, reference_center, offset, seed) -> sitk.AffineTransform:
+    """Multi-start similarity transforms at 12 mm on the whole head (the top may be cut or the neck present:
+    vertical offsets; the head pitched), the best refined at 6 then 3 mm, then affine at 3 mm inside the
+    landmark region."""
+    coarse_fixed, coarse_moving = (make_reference(image, 2 * REFERENCE_SPACING_MM) for image in (fixed, moving))
+    coarsest_fixed, coarsest_moving = (make_reference(image, 4 * REFERENCE_SPACING_MM) for image in (fixed, moving))
     best = None
-    # Multi-start on the whole head (the head's top may be cut or the neck present: vertical offsets; the
-    # head pitched), similarity transforms; the best start is refined inside the landmark region.
-    for dz, pitch in itertools.product((0.0, -20.0, 20.0), (0.0, -25.0, 25.0)):
+    for dz, pitch in ((0.0, 0.0), (0.0, -25.0), (0.0, 25.0), (-20.0, 0.0), (20.0, 0.0)):
         start = sitk.Similarity3DTransform()
         start.SetCenter(tuple(reference_center))
         start.SetRotation((1.0, 0.0, 0.0), np.deg2rad(pitch))
         start.SetTranslation(tuple(offset + (0.0, 0.0, dz)))
-        method = _registration([4], [6.0], 30, seed)
+        method = _registration(30, seed, sampling=0.5)
         method.SetInitialTransform(start, inPlace=True)
-        method.Execute(fixed, moving)
-        value = method.GetMetricValue()
-        if best is None or value < best[0]:
-            best = (value, start)
-    coarse = best[1]
-    method = _registration([4, 2], [4.0, 2.0], 60, seed)
-    method.SetInitialTransform(coarse, inPlace=True)
-    method.Execute(fixed, moving)
+        method.Execute(coarsest_fixed, coarsest_moving)
+        if best is None or method.GetMetricValue() < best[0]:
+            best = (method.GetMetricValue(), start)
+    similar = best[1]
+    for level_fixed, level_moving, sampling in ((coarse_fixed, coarse_moving, 0.15), (fixed, moving, 0.06)):
+        method = _registration(60, seed, sampling=sampling)
+        method.SetInitialTransform(similar, inPlace=True)
+        method.Execute(level_fixed, level_moving)
     affine = sitk.AffineTransform(3)
-    affine.SetCenter(coarse.GetCenter())
-    affine.SetMatrix(coarse.GetMatrix())
-    affine.SetTranslation(coarse.GetTranslation())
-    method = _registration([2, 1], [2.0, 0.0], 80, seed, region)
+    affine.SetCenter(similar.GetCenter())
+    affine.SetMatrix(similar.GetMatrix())
+    affine.SetTranslation(similar.GetTranslation())
+    method = _registration(80, seed, region)
     method.SetInitialTransform(affine, inPlace=True)
     method.Execute(fixed, moving)
     return affine
