@@ -127,6 +127,8 @@ def main():
     parser.add_argument("--model", default=None)
     parser.add_argument("--passes", type=int, default=50, help="uncertainty passes of the model")
     parser.add_argument("--skip-registration", action="store_true", help="only the model (to compare models fast)")
+    parser.add_argument("--record", metavar="MODEL_OUT", help="write a copy of the model whose metadata records "
+                                                                "this held-out table (metrics.heldout)")
     args = parser.parse_args()
     model_path = args.model or bundled_model_path()
     model = load_model(model_path)
@@ -202,6 +204,10 @@ def main():
                   f"ellipsoids, Spearman(uncertainty, error) {record['model_spearman']:.2f}")
     for record in table.values():
         del record["rows"]
+    if args.record:
+        model.metrics["heldout"] = {"benchmark": "benchmarks/heldout.py", "templates": table,
+                                    "note": "held-out templates under random head positions; measured only"}
+        model.save(args.record)
     print(json.dumps({"model": str(model_path), "templates": table}))
 
 

@@ -51,10 +51,45 @@ def _sample_manifest(folder: Path) -> Path:
     return folder / "manifest.csv"
 
 
+def calibration_set(folder: Path, count: int = 12, seed: int = 7) -> Path:
+    """Scans for calibrating the uncertainty of the generalising recipe, made from the training data only:
+    the sample template synthesised as in training (other seeds: new appearance, anatomy, pose) on a
+    whole-head grid, then placed at a random head position, with its landmarks."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .fileio import read_volume, write_markups_json, write_volume
+    from .geometry import apply_matrix, centered_grid, move_image
+    from .sample_data import fetch_sample
+    from .synth import SourceCase, SynthesisConfig, synthesize
+    from .testscans import random_head_position, sample_case
+
+    image, landmarks, schema, files = sample_case()
+    source = SourceCase.from_images([image, read_volume(fetch_sample().t2w)], landmarks, SynthesisConfig().classes)
+    extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
+    grid = centered_grid(source.grid.center_ras(), tuple(int(e / 1.5) for e in extent), (1.5, 1.5, 1.5))
+    config = SynthesisConfig.load("default")
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        rng = np.random.default_rng([seed, n])
+        array, target, usable = synthesize(source, grid, schema.mirror_indices(), config, rng)
+        volume = sitk.GetImageFromArray(array)
+        volume.SetOrigin(grid.origin)
+        volume.SetSpacing(grid.spacing)
+        volume.SetDirection(grid.direction)
+        points = np.where(usable[:, None], grid.to_ras(target), np.nan)
+        motion = random_head_position(volume, rng, 25.0, 20.0)
+        write_volume(move_image(volume, motion), folder / f"calibration{n:02d}.nii.gz")
+        write_markups_json(folder / f"calibration{n:02d}.mrk.json", schema, apply_matrix(motion, points))
+    return folder
+
+
 def train_bundled_model(work: str | Path, recipe: str = "afids-32", epochs: int | None = None,
                         workers: int | None = None, device: str = "auto", progress: str = "bar",
                         resume: bool = False) -> Path:
-    """Train a bundled model from scratch with its fixed seed; returns the model path in ``work``."""
+    """Train a bundled model from scratch with its fixed seed; returns the model path in ``work``. The
+    generalising recipe then calibrates the uncertainty on synthetic scans of the training data
+    (calibration_set): ``work/model.safetensors``."""
     from .testscans import build_training_set
     from .train import TrainOptions, train
 
@@ -74,4 +109,24 @@ def train_bundled_model(work: str | Path, recipe: str = "afids-32", epochs: int 
                            resume=resume, **settings,
                            extra_metadata={"recipe": recipe, "training_data": TRAINING_DATA[recipe],
                                            "intended_use": INTENDED_USE})
-    return train(options)
+    best = train(options)
+    return calibrate_bundled_model(work, best, device, progress) if settings.get("synthesis") else best
+
+
+def calibrate_bundled_model(work: Path, best: Path, device: str = "auto", progress: str = "bar") -> Path:
+    """The generalising recipe's last step: fit the uncertainty scale on calibration_set scans."""
+    from .calibrate import calibrate
+    from .data import discover_cases
+    from .detect import UncertaintyOptions
+    from .modelfile import load_model
+    from .runtime import Progress, pick_device
+
+    device = pick_device(device)
+    model = load_model(best, device)
+    cases = discover_cases(calibration_set(work / "calibration"))
+    result = calibrate(model, cases, device, UncertaintyOptions(passes=50, seed=0), Progress(progress))
+    model.metrics["calibration"]["dataset"] = "synthetic scans of the training template (recipes.calibration_set)"
+    model.save(work / "model.safetensors")
+    print(f"uncertainty calibrated on {result.cases} synthetic scans: scale {result.scale:.3f}, coverage "
+          f"{result.coverage_before * 100:.0f}% -> {result.coverage_after * 100:.0f}%")
+    return work / "model.safetensors"
