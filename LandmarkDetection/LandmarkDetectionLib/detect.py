@@ -171,4 +171,7 @@ def detect_many(model: LandmarkModel, volumes: list[Path], output_dir: Path, dev
         except LandmarkError as error:
             yield volume, None, error
             continue
+        except (OSError, RuntimeError, ValueError) as error:  # readers and SimpleITK on damaged input
+            yield volume, None, LandmarkError(volume, f"could not be processed ({' '.join(str(error).split())})")
+            continue
         yield volume, detection, None

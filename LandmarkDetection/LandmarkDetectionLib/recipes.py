@@ -126,6 +126,7 @@ def calibrate_bundled_model(work: Path, best: Path, device: str = "auto", progre
     cases = discover_cases(calibration_set(work / "calibration"))
     result = calibrate(model, cases, device, UncertaintyOptions(passes=50, seed=0), Progress(progress))
     model.metrics["calibration"]["dataset"] = "synthetic scans of the training template (recipes.calibration_set)"
+    model.training["dataset"] = Path(model.training.get("dataset", "")).name  # no local folders in a model file
     model.save(work / "model.safetensors")
     print(f"uncertainty calibrated on {result.cases} synthetic scans: scale {result.scale:.3f}, coverage "
           f"{result.coverage_before * 100:.0f}% -> {result.coverage_after * 100:.0f}%")

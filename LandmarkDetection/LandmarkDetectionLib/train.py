@@ -335,7 +335,8 @@ def _evaluate_test_split(model_path: Path, cases, device) -> None:
 
 
 def _training_summary(options: TrainOptions, splits, epoch: int) -> dict:
-    summary = {"dataset": str(options.dataset), "cases": {s: len(v) for s, v in splits.items()},
+    # The dataset's name only: a model file must not record local folders (user or patient names).
+    summary = {"dataset": Path(options.dataset).name, "cases": {s: len(v) for s, v in splits.items()},
                "epochs_trained": epoch + 1, "loss": options.loss, "alpha": options.alpha, "lr": options.lr,
                "batch_size": options.batch_size, "seed": options.seed, "augment": options.augment or None,
                "torch": torch.__version__}
