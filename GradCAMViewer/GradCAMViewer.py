@@ -156,9 +156,9 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = True
         self.ui.progressBar.maximum = 0  # busy
         self.ui.statusLabel.text = f"Computing Grad-CAM for {len(todo)} landmark(s)..."
-        self._job = self.logic.start(self._parameterNode, todo, self.onProgress, self.onFinished)
-        if not self._job.finished:
-            self._timer = poll_job(self._job)
+        job = self.logic.start(self._parameterNode, todo, self.onProgress, self.onFinished)
+        if not job.finished:  # a job that could not start has already reported it through onFinished
+            self._job, self._timer = job, poll_job(job)
         self.onParametersChanged()
 
     def onCancel(self) -> None:

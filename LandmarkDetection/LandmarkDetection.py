@@ -45,13 +45,19 @@ class LandmarkDetection(ScriptedLoadableModule):
 def registerSampleData():
     """Register the sample brain in the Sample Data module. Its button downloads through the backend's
     fetch (pip, SHA-256 checked), so it works before 'Load sample' was ever clicked. Imports nothing
-    heavy: this runs at every Slicer start."""
+    heavy (no SimpleITK, no torch): this runs at every Slicer start."""
     import SampleData
 
+    from LandmarkDetectionLib.sample_data import cache_dir, manifest
+
+    member, digest = manifest()["files"]["t1w"]
+    name = Path(member).name
+    # uris and fileNames are required by SampleDataSource even with a custom downloader (Slicer 5.6-main).
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="Landmark Detection", sampleName=SAMPLE_NAME, customDownloader=downloadSample,
         thumbnailFileName=str(Path(__file__).parent / "Resources" / "Icons" / "LandmarkDetection.png"),
-        nodeNames=SAMPLE_NAME)
+        uris=(cache_dir() / "sample" / name).as_uri(), fileNames=name, nodeNames=SAMPLE_NAME,
+        checksums=f"SHA256:{digest}")
 
 
 def downloadSample(source=None):
@@ -188,9 +194,9 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.progressBar.visible = True
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = "Detecting..."
-        self._job = self.logic.startDetection(self._parameterNode, self.onProgress, self.onFinished)
-        if not self._job.finished:  # a job that could not start has already reported it
-            self._timer = poll_job(self._job)
+        job = self.logic.startDetection(self._parameterNode, self.onProgress, self.onFinished)
+        if not job.finished:  # a job that could not start has already reported it through onFinished
+            self._job, self._timer = job, poll_job(job)
         self._checkCanDetect()
 
     def onCancel(self) -> None:

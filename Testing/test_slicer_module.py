@@ -150,3 +150,13 @@ def test_module_files_use_the_shared_app_layer_only():
         source = (module_dir / f"{module_dir.name}.py").read_text(encoding="utf-8")
         assert "QProcess" not in source and "pip_install" not in source and "mkdtemp" not in source
         assert ".connectGui(" not in source  # returns no tag before Slicer 5.10
+
+
+def test_sample_data_registration_imports_no_simpleitk_or_torch():
+    """Slicer registers the sample at every start: reading the manifest must stay light."""
+    code = ("import sys\nfrom LandmarkDetectionLib.sample_data import cache_dir, manifest\n"
+            "manifest(); cache_dir()\nprint(sorted(m for m in ('SimpleITK', 'torch', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO / "LandmarkDetection"), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

