@@ -54,20 +54,25 @@ def registerSampleData():
     name = Path(member).name
     # uris and fileNames are required by SampleDataSource even with a custom downloader (Slicer 5.6-main).
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="Landmark Detection", sampleName=SAMPLE_NAME, customDownloader=downloadSample,
+        category="Landmark Detection", sampleName=SAMPLE_NAME, customDownloader=_sampleDataButton,
         thumbnailFileName=str(Path(__file__).parent / "Resources" / "Icons" / "LandmarkDetection.png"),
         uris=(cache_dir() / "sample" / name).as_uri(), fileNames=name, nodeNames=SAMPLE_NAME,
         checksums=f"SHA256:{digest}")
 
 
-def downloadSample(source=None):
+def downloadSample():
     """Fetch the sample T1w template (cached after the first time) and load it as a volume node."""
     from LandmarkDetectionLib.sample_data import fetch_sample
 
+    node = slicer.util.loadVolume(str(fetch_sample().t1w))
+    node.SetName(SAMPLE_NAME)
+    return node
+
+
+def _sampleDataButton(source):
+    """The Sample Data module's button (it calls its custom downloader with the source)."""
     with slicer.util.tryWithErrorDisplay("Could not download the sample brain.", waitCursor=True):
-        node = slicer.util.loadVolume(str(fetch_sample().t1w))
-        node.SetName(SAMPLE_NAME)
-        return node
+        downloadSample()
 
 
 @parameterNodeWrapper
