@@ -178,3 +178,48 @@ def test_progress_json_lines(tiny_model, tiny_dataset, tmp_path, capsys):
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert records[0]["stage"] == "detect" and records[0]["total"] == 1
     assert {"step", "total", "loss", "metric", "eta"} <= set(records[-1]) or "message" in records[-1]
+
+
+def test_outputs_never_replace_inputs_or_earlier_outputs(tiny_model, tiny_dataset, tmp_path, capsys):
+    """One check for every command: an output that is an input is refused; an existing output needs
+    --overwrite; nothing is written when refused."""
+    before = _snapshot(tiny_dataset)
+    pred = tmp_path / "pred"
+    assert main(["detect", "--model", str(tiny_model), "--input", str(tiny_dataset / "case00.nii.gz"), "--output",
+                 str(pred), "--progress", "none"]) == 0
+    truth = tiny_dataset / "case00.mrk.json"
+    assert main(["evaluate", "--predictions", str(pred), "--truth", str(tiny_dataset), "--output", str(truth),
+                 "--schema", "afids-32"]) == 2
+    assert "would overwrite an input" in _one_error_line(capsys)
+    report = tmp_path / "report.csv"
+    report.write_text("mine")
+    assert main(["evaluate", "--predictions", str(pred), "--truth", str(tiny_dataset), "--output", str(report),
+                 "--schema", "afids-32"]) == 2
+    assert "pass --overwrite" in _one_error_line(capsys) and report.read_text() == "mine"
+    assert main(["evaluate", "--predictions", str(pred), "--truth", str(tiny_dataset), "--output", str(report),
+                 "--schema", "afids-32", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(tiny_model), "--dataset", str(tiny_dataset), "--output",
+                 str(tiny_dataset / "case01.nii.gz"), "--progress", "none"]) == 2
+    assert "would overwrite an input" in _one_error_line(capsys)
+    assert main(["augment", "--input", str(tiny_dataset), "--preview", str(tiny_dataset / "case00.nii.gz")]) == 2
+    assert "would overwrite an input" in _one_error_line(capsys)
+    assert _snapshot(tiny_dataset) == before
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "report.html").write_text("an earlier demo")
+    assert main(["demo", "--output", str(demo), "--progress", "none"]) == 2  # refused before any work
+    assert "report.html: already exists; pass --overwrite" in _one_error_line(capsys)
+
+
+def test_manifest_names_cannot_write_outside_the_output(tiny_dataset, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    manifest = tmp_path / "m" / "manifest.csv"
+    manifest.write_text(f"image,landmarks,name\n{tiny_dataset / 'case00.nii.gz'},{tiny_dataset / 'case00.mrk.json'},"
+                        "../../escaped\n")
+    output = tmp_path / "deep" / "out"
+    assert main(["augment", "--input", str(manifest), "--output", str(output), "--copies", "1", "--schema",
+                 "afids-32", "--progress", "none"]) == 0
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert all(w.startswith("deep/out/") or w == "m/manifest.csv" for w in written), written
+    assert (output / "_.._escaped_aug000.nii.gz").exists()

@@ -14,6 +14,7 @@ import time
 from _common import peak_rss_mb, run_child
 
 SIZE, SPACING = (224, 224, 101), (1.0, 1.0, 2.2)
+KINDS = ("locnet-detect", "highres-detect", "locnet-uncertainty50", "locnet-sequential50", "bundled-uncertainty50")
 NETWORKS = {"locnet": {"channels": [16, 16, 8], "scales_mm": [4.0, 2.0, 1.0], "patch_sizes": [24, 16]},
             "highres3dnet": {"channels": [16, 32, 64], "blocks_per_stage": 3, "dropout": 0.1}}
 
@@ -118,6 +119,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--kinds", default="locnet-detect,highres-detect,locnet-uncertainty50,locnet-sequential50,"
+                                           "bundled-uncertainty50", help="comma-separated measurements to run")
     parser.add_argument("--child", action="store_true", help="internal: run one measurement")
     parser.add_argument("kind", nargs="?")
     args = parser.parse_args()
@@ -125,8 +128,10 @@ def main():
         print(json.dumps(measure(args.kind, args.device, args.threads)))
         return
     results = {}
-    for kind in ("locnet-detect", "highres-detect", "locnet-uncertainty50", "locnet-sequential50",
-                 "bundled-uncertainty50"):
+    for kind in KINDS:
+        if kind not in args.kinds.split(","):
+            results[kind] = {}
+            continue
         results[kind] = run_child(__file__, kind, "--device", args.device, "--threads", str(args.threads))
         print(f"{kind}: {results[kind]}", flush=True)
     mre = {}

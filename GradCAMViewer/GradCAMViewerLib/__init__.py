@@ -11,11 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from LandmarkDetectionLib import mrml
-
-
-def safe_name(name: str) -> str:
-    """The file-name form of a landmark name, as the gradcam command writes it."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+from LandmarkDetectionLib.fileio import safe_name  # the file-name form the gradcam command writes
 
 
 class CamCache:

@@ -259,20 +259,29 @@ def faux_volume_transport(applied: Applied, image: sitk.Image, landmarks_ras: np
 
 
 # ------------------------------------------------------------------------------------ offline and preview
-def augment_dataset(source, output, copies: int, seed: int, schema, config_source="default", progress=None) -> Path:
+def augment_dataset(source, output, copies: int, seed: int, schema, config_source="default", progress=None,
+                    overwrite: bool = False) -> Path:
     """Write ``copies`` augmented copies of every case (volume + .mrk.json) and a manifest.csv naming the
-    policy and steps drawn per copy. The input is only read; an output inside it is refused."""
+    policy and steps drawn per copy. The input is only read; an output inside it is refused; file names
+    come from case names made safe (a manifest's names cannot reach outside ``output``)."""
     import csv as _csv
     import io as _io
 
     from .data import discover_cases
-    from .fileio import atomic_write_text, check_writable_dir, read_landmarks, read_volume, write_markups_json, write_volume
+    from .fileio import (atomic_write_text, check_outputs, check_writable_dir, read_landmarks, read_volume, safe_name,
+                         write_markups_json, write_volume)
 
     cases = discover_cases(source)
     source_dir = Path(source).resolve() if Path(source).is_dir() else Path(source).resolve().parent
     output = Path(output)
     if output.resolve() == source_dir or source_dir in output.resolve().parents:
         raise LandmarkError(output, "output must not be inside the input dataset (inputs are never touched)")
+    names = [f"{safe_name(case.name)}_aug{copy:03d}" for case in cases for copy in range(copies)]
+    if len(set(names)) != len(names):
+        raise LandmarkError(source, "two cases have the same name once made safe for files; rename one")
+    inputs = [source, *(c.image for c in cases), *(c.landmarks for c in cases)]
+    check_outputs([output / "manifest.csv", *(output / f"{n}{suffix}" for n in names for suffix in (".nii.gz", ".mrk.json"))],
+                  inputs, overwrite)
     check_writable_dir(output)
     augmenter = load_policies(config_source)
     rows = []
@@ -283,7 +292,7 @@ def augment_dataset(source, output, copies: int, seed: int, schema, config_sourc
         for copy in range(copies):
             rng = np.random.default_rng([seed, n, copy])
             out, moved, applied = augmenter.augment(image, landmarks, rng)
-            name = f"{case.name}_aug{copy:03d}"
+            name = f"{safe_name(case.name)}_aug{copy:03d}"
             write_volume(out, output / f"{name}.nii.gz")
             write_markups_json(output / f"{name}.mrk.json", schema, moved, name=name)
             rows.append({"image": f"{name}.nii.gz", "landmarks": f"{name}.mrk.json", "source": str(case.image),

@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True, help="validation cases (folder or manifest) the model did not train on")
     p.add_argument("--output", required=True, help="the calibrated model file to write (never the input model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_uncertainty(p, default_passes=50)
     _add_common(p)
 
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", default=None, help="schema (default: from --model, else brain-88)")
     p.add_argument("--model", default=None, help="take the schema from this model")
     p.add_argument("--plot", default=None, help="uncertainty vs error PNG (when predictions have .uncertainty.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     p = commands.add_parser("schema", help="list, show or validate landmark schemas")
     p.set_defaults(handler=cmd_schema)
@@ -135,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "Resources/Augmentation/default.json")
     p.add_argument("--schema", default="brain-88")
     p.add_argument("--preview", help="instead of copies, draw each policy's effect on the first case to this PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_common(p)
 
     p = commands.add_parser("demo", help="the main job: detect the AFIDs of an unseen scan of the sample brain")
     p.set_defaults(handler=cmd_demo)
     p.add_argument("--output", default="demo-output", help="folder for the scan, landmarks and summary")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --output")
     p.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the test scan's head position and artefacts")
     p.add_argument("--train-model", metavar="WORK", help="instead, train the bundled model from scratch in WORK")
@@ -164,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true", help="scale each CAM to a maximum of 1")
     p.add_argument("--radius-mm", type=float, default=10.0, help="radius of the focus metric")
     p.add_argument("--chunk", type=int, default=4, help="landmarks per backward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_common(p)
 
     p = commands.add_parser("info", help="print a model file's metadata")
@@ -236,6 +241,7 @@ def cmd_detect(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, write_evaluation_csv
+    from .fileio import check_outputs
     from .modelfile import load_model
     from .schema import load_schema
 
@@ -246,6 +252,7 @@ def cmd_evaluate(args) -> int:
     else:
         schema = load_schema(args.schema or "brain-88")
     evaluation = evaluate(args.predictions, args.truth, schema)
+    check_outputs([args.output, *([args.plot] if args.plot else [])], evaluation.files, args.overwrite)
     write_evaluation_csv(evaluation, args.output)
     print(format_table(evaluation))
     print(f"report: {args.output}")
@@ -264,14 +271,16 @@ def cmd_evaluate(args) -> int:
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .data import discover_cases
+    from .fileio import check_outputs
     from .modelfile import load_model
     from .runtime import Progress, pick_device
 
-    if Path(args.output).resolve() == Path(args.model).resolve():
-        raise LandmarkError(args.output, "would overwrite the input model; choose another --output")
+    cases = discover_cases(args.dataset)
+    inputs = [args.model, args.dataset, *(c.image for c in cases), *(c.landmarks for c in cases)]
+    check_outputs([args.output], inputs, args.overwrite)
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    result = calibrate(model, discover_cases(args.dataset), device, _uncertainty_options(args), Progress(args.progress))
+    result = calibrate(model, cases, device, _uncertainty_options(args), Progress(args.progress))
     model.save(args.output)
     print(f"covariance scale {result.scale:.3f} fitted on {result.cases} case(s): {result.coverage_before * 100:.0f}% "
           f"of truths inside the {args.level * 100:.0f}% ellipsoids before, {result.coverage_after * 100:.0f}% after; "
@@ -303,13 +312,14 @@ def cmd_schema(args) -> int:
 def cmd_augment(args) -> int:
     from .augment import augment_dataset, preview
     from .data import discover_cases
-    from .fileio import read_landmarks, read_volume
+    from .fileio import check_outputs, read_landmarks, read_volume
     from .runtime import Progress
     from .schema import load_schema
 
     schema = load_schema(args.schema)
     if args.preview:
         case = discover_cases(args.input)[0]
+        check_outputs([args.preview], [args.input, case.image, case.landmarks], args.overwrite)
         preview(read_volume(case.image), read_landmarks(case.landmarks, schema), args.preview, args.seed,
                 args.policies)
         print(f"preview: {args.preview}")
@@ -317,7 +327,7 @@ def cmd_augment(args) -> int:
     if not args.output:
         raise LandmarkError(None, "augment needs --output (or --preview PNG)")
     manifest = augment_dataset(args.input, args.output, args.copies, args.seed, schema, args.policies,
-                               Progress(args.progress))
+                               Progress(args.progress), args.overwrite)
     print(f"manifest: {manifest}")
     return 0
 
@@ -333,7 +343,7 @@ def cmd_demo(args) -> int:
                                    args.progress, args.resume)
         print(f"model: {path} (the bundled one is {bundled_model_path()})")
         return 0
-    summary = run_demo(args.output, args.model, args.device, args.seed)
+    summary = run_demo(args.output, args.model, args.device, args.seed, overwrite=args.overwrite)
     print(f"Detected {summary['n']} AFIDs on an unseen scan of the sample brain in {summary['seconds']} s "
           f"({summary['device']}).")
     print(f"Mean radial error {summary['mre_mm']:.2f} +- {summary['sd_mm']:.2f} mm; within 2 mm: "
@@ -367,12 +377,12 @@ def cmd_gradcam(args) -> int:
         landmarks = model.schema.select(args.landmarks)
         result = compute_gradcam(model, image, landmarks, args.layer, args.target, device, args.chunk)
         paths = write_cams(result, model, image, output, cam_prefix(name, index, len(models)), args.format,
-                           args.single_file, args.normalize)
+                           args.single_file, args.normalize, overwrite=args.overwrite, inputs=[args.input, *models])
         tables.append(focus_metrics(result, args.radius_mm))
         if schema is None:
             schema, predicted = model.schema, result.predicted_ras
         print(f"{path}: {len(landmarks)} Grad-CAM volume(s) at layer {result.layer} -> {paths[0].parent}")
-    csv_path = write_focus_table(output, name, schema, predicted, tables, args.radius_mm)
+    csv_path = write_focus_table(output, name, schema, predicted, tables, args.radius_mm, args.overwrite)
     print(format_focus_table(schema, tables))
     print(f"focus table: {csv_path}")
     return 0

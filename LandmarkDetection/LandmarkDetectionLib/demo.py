@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .detect import write_detection
-from .fileio import atomic_write_text, check_writable_dir, write_markups_json, write_volume
+from .fileio import atomic_write_text, check_outputs, check_writable_dir, write_markups_json, write_volume
 from .metrics import radial_errors, summarize
 from .modelfile import load_model
 from .resources import bundled_model_path
@@ -21,16 +21,23 @@ from .testscans import make_test_scan, sample_case
 
 
 
+DEMO_FILES = ("test_scan.nii.gz", "truth.mrk.json", "test_scan.mrk.json", "test_scan.csv", "test_scan.uncertainty.json",
+              "test_scan.uncertainty.csv", "landmarks.png", "errors.png", "uncertainty.png", "gradcam.png",
+              "report.html", "summary.json")
+
+
 def run_demo(output: str | Path, model_path: str | Path | None = None, device: str = "auto", seed: int = 2026,
-             passes: int = 50, flag_mm: float = 5.0, gradcam_landmarks=("AC", "PC", "GENU", "RALTH")) -> dict:
+             passes: int = 50, flag_mm: float = 5.0, gradcam_landmarks=("AC", "PC", "GENU", "RALTH"),
+             overwrite: bool = False) -> dict:
     """Make the unseen test scan, detect with uncertainty, explain a few landmarks with Grad-CAM, and write
-    everything with report.html into ``output``."""
+    everything with report.html into ``output`` (an earlier demo's files only replaced with ``overwrite``)."""
     from . import demo_report, figures
     from .detect import UncertaintyOptions, detect_volume
     from .gradcam import compute_gradcam
     from .runtime import pick_device
 
     started = time.monotonic()
+    check_outputs([Path(output) / name for name in DEMO_FILES], overwrite=overwrite)
     output = check_writable_dir(output)
     device = pick_device(device)
     model_path = Path(model_path) if model_path else bundled_model_path()

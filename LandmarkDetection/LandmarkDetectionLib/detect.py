@@ -17,7 +17,7 @@ import torch
 
 from .align import AlignedGrid, Alignment, align
 from .errors import LandmarkError
-from .fileio import atomic_write_text, landmarks_csv_text, read_volume, stem, write_markups_json
+from .fileio import atomic_write_text, check_outputs, landmarks_csv_text, read_volume, stem, write_markups_json
 from .modelfile import LandmarkModel
 from .preprocess import model_grid, normalize_intensity, resample_to_grid
 from .uncertainty import Uncertainty, summarize_samples, write_uncertainty
@@ -126,14 +126,7 @@ def output_paths(output_dir: Path, name: str, uncertainty: bool = False) -> dict
 def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path, overwrite: bool = False,
                     extra_columns: dict | None = None, options: UncertaintyOptions | None = None) -> dict[str, Path]:
     paths = output_paths(output_dir, detection.name, detection.uncertainty is not None)
-    if not overwrite:
-        for path in paths.values():
-            if path.exists():
-                raise LandmarkError(path, "already exists; pass --overwrite to replace it")
-    if detection.source is not None:
-        source = detection.source.resolve()
-        if any(p.resolve() == source for p in paths.values()):
-            raise LandmarkError(detection.source, "output would overwrite the input")
+    check_outputs(paths.values(), [detection.source], overwrite)
     options = options or UncertaintyOptions()
     extra_columns = dict(extra_columns or {})
     if detection.uncertainty is not None:

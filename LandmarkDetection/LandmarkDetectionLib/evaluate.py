@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ class Evaluation:
     errors: np.ndarray  # (N cases, K landmarks) radial error in mm
     uncertainty_mm: np.ndarray | None = None  # (N, K) longest ellipsoid semi-axis, where predictions have one
     calibration: dict | None = None  # coverage and error-uncertainty correlations
+    files: list = field(default_factory=list)  # every file read: outputs must never replace one
 
     def rows(self) -> list[dict]:
         """Rows of the report: overall, per sub-anatomy, per group, per landmark."""
@@ -59,13 +60,14 @@ def evaluate(predictions: str | Path, truth: str | Path, schema: Schema) -> Eval
         pairs = [(n, _landmark_file(truth, n), "") for n in names]
     else:
         raise LandmarkError(truth, "truth does not exist")
-    rows, names, groups, semi_axes, inside, level = [], [], [], [], [], None
+    rows, names, groups, semi_axes, inside, level, files = [], [], [], [], [], None, [truth]
     for name, truth_file, group in pairs:
         predicted = _landmark_file(predictions, name)
         if predicted is None:
             continue
         truth_ras = read_landmarks(truth_file, schema)
         rows.append(radial_errors(read_landmarks(predicted, schema), truth_ras))
+        files += [predicted, truth_file]
         names.append(name)
         groups.append(group)
         uncertainty_file = predictions / f"{name}.uncertainty.json"
@@ -73,12 +75,13 @@ def evaluate(predictions: str | Path, truth: str | Path, schema: Schema) -> Eval
             from .uncertainty import read_uncertainty
 
             result, _ = read_uncertainty(uncertainty_file)
+            files.append(uncertainty_file)
             level = result.level
             semi_axes.append(result.max_semi_axis())
             inside.append(result.covers(truth_ras))
     if not rows:
         raise LandmarkError(predictions, f"no prediction matches a truth file in {truth} (names must agree)")
-    evaluation = Evaluation(schema, names, groups, np.vstack(rows))
+    evaluation = Evaluation(schema, names, groups, np.vstack(rows), files=files)
     if semi_axes and len(semi_axes) == len(rows):
         from scipy.stats import pearsonr, spearmanr
 

@@ -357,6 +357,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
+def safe_name(name: str) -> str:
+    """A file name from any text (case, landmark, volume names): letters, digits, '-', '_' and '.', never
+    a path, never hidden, never empty."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).lstrip(".")
+    return cleaned or "unnamed"
+
+
+def check_outputs(paths, inputs=(), overwrite: bool = False) -> None:
+    """The one check every command makes before it writes: no output is (or resolves to) an input, and
+    existing outputs are replaced only with ``overwrite``. Raises before anything is written."""
+    resolved_inputs = {Path(p).resolve() for p in inputs if p}
+    for path in paths:
+        if Path(path).resolve() in resolved_inputs:
+            raise LandmarkError(path, "output would overwrite an input (inputs are never touched); choose another output")
+    if not overwrite:
+        for path in paths:
+            if Path(path).exists():
+                raise LandmarkError(path, "already exists; pass --overwrite to replace it")
+
+
 def check_writable_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and prove it writable, before any long work starts."""
     path = Path(path)

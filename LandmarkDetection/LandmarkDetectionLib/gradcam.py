@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .errors import LandmarkError
 from .geometry import Grid
 from .heatmaps import soft_argmax, spatial_softmax
-from .fileio import atomic_write_text, write_volume
+from .fileio import atomic_write_text, check_outputs, safe_name, write_volume
 from .align import Alignment
 from .detect import model_input
 from .modelfile import LandmarkModel
@@ -160,19 +160,21 @@ def focus_metrics(result: CamResult, radius_mm: float = 10.0) -> list[dict]:
 
 
 def write_cams(result: CamResult, model: LandmarkModel, reference: sitk.Image, output: Path, stem: str,
-               fmt: str = "nii.gz", single_file: bool = False, normalize: bool = False) -> list[Path]:
+               fmt: str = "nii.gz", single_file: bool = False, normalize: bool = False, overwrite: bool = False,
+               inputs=()) -> list[Path]:
     """One file per landmark (``STEM_gradcam_NAME.nii.gz``) or one multi-component file."""
     names = [model.schema.landmarks[i].name for i in result.landmarks]
+    if single_file:
+        paths = [output / f"{safe_name(stem)}_gradcam.{fmt}"]
+    else:
+        paths = [output / f"{safe_name(stem)}_gradcam_{safe_name(name)}.{fmt}" for name in names]
+    check_outputs(paths, inputs, overwrite)
     volumes = [result.volume(n, reference, normalize) for n in range(len(result.landmarks))]
     if single_file:
-        path = output / f"{stem}_gradcam.{fmt}"
-        write_volume(sitk.Compose(volumes) if len(volumes) > 1 else volumes[0], path)
-        return [path]
-    paths = []
-    for name, volume in zip(names, volumes):
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-        paths.append(output / f"{stem}_gradcam_{safe}.{fmt}")
-        write_volume(volume, paths[-1])
+        write_volume(sitk.Compose(volumes) if len(volumes) > 1 else volumes[0], paths[0])
+    else:
+        for path, volume in zip(paths, volumes):
+            write_volume(volume, path)
     return paths
 
 
@@ -183,7 +185,7 @@ def cam_prefix(stem: str, model_index: int, models: int) -> str:
 
 
 def write_focus_table(output: Path, stem: str, schema, predicted_ras: np.ndarray, tables: list[list[dict]],
-                      radius_mm: float) -> Path:
+                      radius_mm: float, overwrite: bool = False) -> Path:
     """``STEM_gradcam_focus.csv``: per landmark, each model's focus metrics (columns suffixed A, B)."""
     header = ["landmark", "sub_anatomy", "x", "y", "z"]
     for label in "AB"[: len(tables)]:
@@ -198,7 +200,8 @@ def write_focus_table(output: Path, stem: str, schema, predicted_ras: np.ndarray
             other = schema.landmarks[r["max_overlap_with"]].name if r["max_overlap_with"] is not None else ""
             cells += [f"{r['mass_within_r']:.4f}", f"{r['com_distance_mm']:.2f}", f"{r['max_overlap']:.4f}", other]
         lines.append(",".join(cells))
-    path = output / f"{stem}_gradcam_focus.csv"
+    path = output / f"{safe_name(stem)}_gradcam_focus.csv"
+    check_outputs([path], overwrite=overwrite)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 

@@ -50,7 +50,7 @@ import SimpleITK as sitk
 
 from .errors import LandmarkError
 from .geometry import LPS_TO_RAS, Grid, centered_grid
-from .fileio import atomic_path, atomic_write_text
+from .fileio import atomic_path, atomic_write_text, check_outputs
 from .schema import Schema, SchemaPlanes
 
 LEVEL = 0.9  # the quantile plane uncertainties are reported at
@@ -592,18 +592,6 @@ def output_paths(output_dir: str | Path, planes: PlaneSet) -> dict[str, Path]:
         paths.update(acpc_json=output_dir / "acpc.json", acpc_matrix=output_dir / "acpc_matrix.txt",
                      acpc_tfm=output_dir / "acpc.tfm")
     return paths
-
-
-def check_outputs(paths, inputs=(), overwrite: bool = False) -> None:
-    """Refuse outputs that are inputs, and existing outputs unless ``overwrite``; before anything is written."""
-    resolved = {Path(p).resolve() for p in inputs if p}
-    for path in paths:
-        if Path(path).resolve() in resolved:
-            raise LandmarkError(path, "output would overwrite an input; choose another --output")
-    if not overwrite:
-        for path in paths:
-            if Path(path).exists():
-                raise LandmarkError(path, "already exists; pass --overwrite to replace it")
 
 
 def _matrix_text(matrix: np.ndarray) -> str:
