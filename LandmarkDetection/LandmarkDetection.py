@@ -422,7 +422,7 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
 
 
 class LandmarkDetectionTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: loads the sample brain and detects its AFIDs with the bundled demo model."""
+    """Runs inside Slicer: loads the sample brain and detects its AFIDs with the bundled model."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import LandmarkError
+from .models import ARCHITECTURES
 from .planes import add_planes_command
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV")
     p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
     p.add_argument("--schema", default="brain-88", help="built-in schema name or schema JSON file")
-    p.add_argument("--architecture", choices=("highres3dnet", "locnet"), default="highres3dnet")
+    p.add_argument("--architecture", choices=tuple(ARCHITECTURES), default="highres3dnet")
     p.add_argument("--channels", type=_ints, default=None,
                    help="channels per stage (default highres3dnet 16,32,64; locnet 16,16,12)")
     p.add_argument("--blocks-per-stage", type=int, default=3, help="highres3dnet residual blocks per stage")
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_demo)
     p.add_argument("--output", default="demo-output", help="folder for the scan, landmarks and summary")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --output")
-    p.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
+    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
     p.add_argument("--seed", type=int, default=2026, help="seed of the test scan's head position and artefacts")
     p.add_argument("--train-model", metavar="WORK", help="instead, train the bundled model from scratch in WORK")
     p.add_argument("--recipe", default="afids-32", help="with --train-model: afids-32 (the generalising recipe) "

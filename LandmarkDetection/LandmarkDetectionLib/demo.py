@@ -1,7 +1,7 @@
 """The main job out of the box: the sample brain, an unseen test scan made from it, detection and its
 accuracy against the known truth, with uncertainty, Grad-CAM and an HTML report.
 
-The demo's test scan comes from the same template the demo model was trained on (moved to a new head
+The demo's test scan comes from the same template the bundled model was trained on (moved to a new head
 position, re-acquired with 2.2 mm slices, with scanner artefacts). It shows the tool working; it is not
 a measure of accuracy on new anatomy: benchmarks/heldout.py measures that on other brains.
 """

@@ -127,7 +127,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}} tr.flag{{background:#fdd}} .note{
 uncertainty. Mean radial error <b>{summary['mre_mm']:.2f} &plusmn; {summary['sd_mm']:.2f} mm</b> (median {summary['median_mm']:.2f} mm,
 max {summary['max_mm']:.2f} mm). Successful detection rate: {sdr}. {summary['flagged']} landmark(s) flagged as uncertain
 (longest 90% ellipsoid semi-axis over {flag_mm:g} mm); 90% ellipsoids holding the truth: {summary['coverage'] * 100:.0f}%.</p>
-<p class="note"><b>Read this first.</b> The test scan was made from the same template the demo model was trained on: a new
+<p class="note"><b>Read this first.</b> The test scan was made from the same template the bundled model was trained on: a new
 random oblique head position, re-acquired with 2.2 mm axial slices, with bias field, ghosting and noise. It shows the tool
 working end to end; it does not measure accuracy on anatomy the model never saw (benchmarks/heldout.py does, on two other
 brain templates).</p>

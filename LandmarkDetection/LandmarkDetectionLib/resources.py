@@ -5,7 +5,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 # The model bundled for each schema (Resources/Models); the first is the default.
-BUNDLED_MODELS = {"afids-32": "Models/afids32-demo.safetensors"}
+BUNDLED_MODELS = {"afids-32": "Models/afids32.safetensors"}
 
 
 def resources_dir() -> Path:

@@ -31,7 +31,7 @@ def run(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="batch_detect.py", description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, help="folder of volumes (or one volume)")
     parser.add_argument("--output", required=True, help="folder for NAME.mrk.json, NAME.csv and uncertainty files")
-    parser.add_argument("--model", default=None, help="model file (default: the bundled demo model)")
+    parser.add_argument("--model", default=None, help="model file (default: the bundled model)")
     parser.add_argument("--uncertainty", type=int, default=0, help="noise passes for uncertainty ellipsoids (0 = off)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
