@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from .errors import LandmarkError
-from .models import ARCHITECTURES
 from .planes import add_planes_command
 
 
@@ -66,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV")
     p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
     p.add_argument("--schema", default="brain-88", help="built-in schema name or schema JSON file")
-    p.add_argument("--architecture", choices=tuple(ARCHITECTURES), default="highres3dnet")
+    p.add_argument("--architecture", default="highres3dnet",
+                   help="network architecture (models/): highres3dnet (the paper's) or locnet (multi-scale)")
     p.add_argument("--channels", type=_ints, default=None,
                    help="channels per stage (default highres3dnet 16,32,64; locnet 16,16,12)")
     p.add_argument("--blocks-per-stage", type=int, default=3, help="highres3dnet residual blocks per stage")
