@@ -223,3 +223,13 @@ def test_manifest_names_cannot_write_outside_the_output(tiny_dataset, tmp_path, 
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert all(w.startswith("deep/out/") or w == "m/manifest.csv" for w in written), written
     assert (output / "_.._escaped_aug000.nii.gz").exists()
+
+
+def test_info_prints_a_card_or_pure_json(tiny_model, capsys):
+    assert main(["info", str(tiny_model)]) == 0
+    card = capsys.readouterr().out
+    assert "schema:       afids-32 (32 landmarks)" in card and "architecture: highres3dnet" in card
+    assert main(["info", "--json", str(tiny_model)]) == 0
+    document = json.loads(capsys.readouterr().out)  # the whole output is one JSON object
+    assert document["schema"]["name"] == "afids-32" and document["config"]["architecture"] == "highres3dnet"
+    assert "/" not in document["training"]["dataset"]  # no local folders recorded in a model file

@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_common(p)
 
-    p = commands.add_parser("info", help="print a model file's metadata")
+    p = commands.add_parser("info", help="describe a model file (read without torch)")
     p.set_defaults(handler=cmd_info)
     p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print the whole metadata as one JSON object instead")
 
     add_planes_command(commands)
     return parser
@@ -345,8 +346,9 @@ def cmd_demo(args) -> int:
         print(f"model: {path} (the bundled one is {bundled_model_path()})")
         return 0
     summary = run_demo(args.output, args.model, args.device, args.seed, overwrite=args.overwrite)
-    print(f"Detected {summary['n']} AFIDs on an unseen scan of the sample brain in {summary['seconds']} s "
-          f"({summary['device']}).")
+    print(f"Detected {summary['n']} AFIDs on an unseen scan of the sample brain in {summary['detect_seconds']} s "
+          f"(alignment, network and {summary['passes']} uncertainty passes; {summary['seconds']} s for the whole demo "
+          f"with Grad-CAM and the report, {summary['device']}).")
     print(f"Mean radial error {summary['mre_mm']:.2f} +- {summary['sd_mm']:.2f} mm; within 2 mm: "
           f"{summary['sdr_2mm']:.0f}%, within 4 mm: {summary['sdr_4mm']:.0f}%.")
     print(f"{summary['flagged']} landmark(s) flagged as uncertain; {summary['coverage'] * 100:.0f}% of truths inside "
@@ -393,8 +395,30 @@ def cmd_info(args) -> int:
     from .modelheader import read_header
 
     header = read_header(args.model)
-    print(json.dumps({k: json.loads(v) if k in ("config", "training", "metrics") else v
-                      for k, v in header.metadata.items() if k not in ("schema", "reference")}, indent=2))
-    schema = header.schema
-    print(f"schema: {schema['name']} ({len(schema['landmarks'])} landmarks)")
+    if args.json:
+        print(json.dumps({k: v if k == "format" or k == "format_version" else json.loads(v)
+                          for k, v in header.metadata.items()}))
+        return 0
+    config, training, metrics, schema = header.config, header.training, header.metrics, header.schema
+    geometry = config.get("geometry", {})
+    lines = [f"model:        {args.model}",
+             f"schema:       {schema.get('name')} ({len(schema.get('landmarks', []))} landmarks)",
+             f"architecture: {config.get('architecture')} {json.dumps(config.get('network', {}))}",
+             f"input grid:   {geometry.get('size')} voxels at {geometry.get('spacing')} mm"
+             + (", in the reference frame (scans are aligned first)" if "reference" in header.metadata else "")]
+    if training:
+        lines.append(f"trained on:   {training.get('training_data') or training.get('dataset')} "
+                     f"({training.get('epochs_trained')} epochs, recipe {training.get('recipe', '-')})")
+    validation = metrics.get("validation", {})
+    if validation:
+        lines.append(f"validation:   MRE {validation.get('mre_mm', float('nan')):.2f} mm (n={validation.get('n')})")
+    if "calibration" in metrics:
+        lines.append(f"uncertainty:  covariance scale {metrics['calibration']['scale']:.3f} "
+                     f"({metrics['calibration'].get('passes')} passes)")
+    for name, row in metrics.get("heldout", {}).get("templates", {}).items():
+        lines.append(f"held-out:     {name}: MRE {row['model_mre_mm']:.2f} mm vs SimpleITK affine "
+                     f"{row['sitk_affine_mre_mm']:.2f}, B-spline {row['sitk_bspline_mre_mm']:.2f} mm")
+    if training.get("intended_use"):
+        lines.append(f"intended use: {training['intended_use']}")
+    print("\n".join(lines))
     return 0
