@@ -66,6 +66,19 @@ def test_locnet_batched_passes_equal_sequential_passes(afids32):
     assert batched.std(dim=0).mean() > 0  # the shifts do change the answers
 
 
+def test_locnet_started_from_given_positions_runs_only_the_refining_stages(afids32):
+    """Starting from the coarse stage's own estimate reproduces the whole chain; another start changes
+    the answer (the refining stages see other patches), and noise passes start there too."""
+    network = _locnet(afids32).network.eval()
+    x = torch.randn(1, 1, 24, 28, 24)
+    coarse = network.coarse_stage(x)[1] / network.spacing
+    assert torch.allclose(network.predict_indices(x, coarse), network.predict_indices(x), atol=1e-5)
+    moved = coarse + torch.tensor([2.0, -1.0, 1.5])
+    assert not torch.allclose(network.predict_indices(x, moved), network.predict_indices(x), atol=1e-3)
+    zero = torch.zeros(1, 3)
+    assert torch.allclose(network.shifted_indices(x, zero, moved)[0], network.predict_indices(x, moved), atol=1e-5)
+
+
 def test_highres_mc_dropout_equals_explicit_channel_dropout(afids32):
     from LandmarkDetectionLib.heatmaps import soft_argmax, spatial_softmax
 

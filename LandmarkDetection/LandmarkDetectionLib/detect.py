@@ -58,9 +58,13 @@ class ModelInput:
     array: np.ndarray  # (D, H, W) float32, normalised
     grid: object  # geometry.Grid or align.AlignedGrid: ``to_ras(ijk)`` gives scan RAS
     alignment: Alignment | None = None
+    start: np.ndarray | None = None  # (K, 3) voxel indices the network starts from (the reference's landmarks)
 
     def tensor(self, device) -> torch.Tensor:
         return torch.from_numpy(self.array)[None, None].to(device)
+
+    def start_tensor(self, device) -> torch.Tensor | None:
+        return None if self.start is None else torch.from_numpy(self.start).float()[None].to(device)
 
 
 def model_input(model: LandmarkModel, image: sitk.Image) -> ModelInput:
@@ -73,15 +77,18 @@ def model_input(model: LandmarkModel, image: sitk.Image) -> ModelInput:
     alignment = align(image, model.reference, model.region)
     grid = model_grid(None, geometry)
     array = normalize_intensity(resample_to_grid(image, grid, alignment.sitk_transform()), geometry.percentiles)
-    return ModelInput(array, AlignedGrid(grid, alignment), alignment)
+    # After alignment the reference's own landmarks are where each landmark is expected: the refining
+    # stages start there (more precise than a coarse stage on a 6 mm grid).
+    start = None if model.prior is None else grid.to_index(model.prior)
+    return ModelInput(array, AlignedGrid(grid, alignment), alignment, start)
 
 
-def predict(model: LandmarkModel, x: torch.Tensor, device) -> torch.Tensor:
+def predict(model: LandmarkModel, x: torch.Tensor, device, start: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K, 3) voxel indices for an input batch (B, 1, D, H, W), in eval mode (mixed precision on CUDA)."""
     device = torch.device(device)
     model.network.eval()
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-        return model.network.predict_indices(x)
+        return model.network.predict_indices(x, start)
 
 
 def detect_image(model: LandmarkModel, image: sitk.Image, device) -> np.ndarray:
@@ -94,7 +101,8 @@ def sample_passes(model: LandmarkModel, prepared: ModelInput, device, options: U
     generator = torch.Generator().manual_seed(options.seed)
     model.network.eval()
     with torch.inference_mode():
-        indices = model.network.sample_indices(prepared.tensor(device), options.passes, generator, options.shift_mm)
+        indices = model.network.sample_indices(prepared.tensor(device), options.passes, generator, options.shift_mm,
+                                               prepared.start_tensor(device))
     samples = prepared.grid.to_ras(indices[:, 0].double().cpu().numpy())
     return summarize_samples(samples, options.level, model.config.uncertainty_scale)
 
@@ -103,7 +111,7 @@ def detect_volume(model: LandmarkModel, image: sitk.Image, device, name: str,
                   uncertainty: UncertaintyOptions | None = None, source: Path | None = None) -> Detection:
     prepared = model_input(model, image)
     if uncertainty is None or uncertainty.passes <= 0:
-        indices = predict(model, prepared.tensor(device), device)
+        indices = predict(model, prepared.tensor(device), device, prepared.start_tensor(device))
         landmarks = prepared.grid.to_ras(indices[0].float().cpu().numpy().astype(np.float64))
         return Detection(name, landmarks, source, None, prepared.alignment)
     result = sample_passes(model, prepared, device, uncertainty)

@@ -76,7 +76,7 @@ def compute_gradcam(model: LandmarkModel, image: sitk.Image, landmarks: list[int
     landmarks = list(range(len(model.schema))) if landmarks is None else list(landmarks)
     prepared = model_input(model, image)
     x = prepared.tensor(device)
-    predicted = prepared.grid.to_ras(network.predict_indices(x)[0].double().cpu().numpy())
+    predicted = prepared.grid.to_ras(network.predict_indices(x, prepared.start_tensor(device))[0].double().cpu().numpy())
     grid = prepared.grid.grid if prepared.alignment is not None else prepared.grid
     captured = {}
 

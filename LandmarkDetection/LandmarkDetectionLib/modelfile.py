@@ -26,7 +26,7 @@ from .models import build_network
 from .preprocess import InputGeometry
 from .schema import Schema, schema_from_dict
 
-REFERENCE_IMAGE, REFERENCE_REGION = "reference/image", "reference/region"
+REFERENCE_IMAGE, REFERENCE_REGION, REFERENCE_LANDMARKS = "reference/image", "reference/region", "reference/landmarks"
 
 
 @dataclass
@@ -59,12 +59,13 @@ class LandmarkModel:
     metrics: dict = field(default_factory=dict)
     reference: sitk.Image | None = None
     region: sitk.Image | None = None
+    prior: np.ndarray | None = None  # (K, 3) the landmarks in the reference frame: where detection starts
 
     @classmethod
     def create(cls, config: ModelConfig, schema: Schema, reference: sitk.Image | None = None,
-               region: sitk.Image | None = None) -> "LandmarkModel":
+               region: sitk.Image | None = None, prior: np.ndarray | None = None) -> "LandmarkModel":
         network = build_network(config.architecture, len(schema), config.geometry, **config.network)
-        return cls(network, config, schema, reference=reference, region=region)
+        return cls(network, config, schema, reference=reference, region=region, prior=prior)
 
     def metadata(self) -> dict[str, str]:
         metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -79,6 +80,8 @@ class LandmarkModel:
         if self.reference is not None:  # small: a 3 mm image in half precision and a byte mask
             state[REFERENCE_IMAGE] = torch.from_numpy(sitk.GetArrayFromImage(self.reference)).half()
             state[REFERENCE_REGION] = torch.from_numpy(sitk.GetArrayFromImage(self.region).astype(np.uint8))
+        if self.prior is not None:
+            state[REFERENCE_LANDMARKS] = torch.from_numpy(np.asarray(self.prior, np.float32))
         atomic_write_bytes(path, save_tensors(state, metadata=self.metadata()))
 
     def check_schema(self, other: Schema, source: str | Path) -> None:
@@ -109,6 +112,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Landmark
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         reference = state.pop(REFERENCE_IMAGE, None)
         region = state.pop(REFERENCE_REGION, None)
+        prior = state.pop(REFERENCE_LANDMARKS, None)
         model.network.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0]
@@ -117,8 +121,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Landmark
         raise LandmarkError(path, "model metadata is damaged (reference image and its geometry do not match)")
     if reference is not None:
         reference, region = _image(reference.float().numpy(), reference_grid), _image(region.numpy(), reference_grid)
+    if prior is not None:
+        prior = prior.double().numpy()
+        if prior.shape != (len(schema), 3) or not np.isfinite(prior).all() or reference is None:
+            raise LandmarkError(path, "model metadata is damaged (reference landmarks do not fit the schema)")
     model.network.to(device).eval()
-    return LandmarkModel(model.network, config, schema, training, metrics, reference, region)
+    return LandmarkModel(model.network, config, schema, training, metrics, reference, region, prior)
 
 
 def _image(array: np.ndarray, grid: dict) -> sitk.Image:

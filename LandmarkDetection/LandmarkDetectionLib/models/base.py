@@ -23,14 +23,16 @@ class LandmarkNetwork(nn.Module):
         """Training loss of ``forward``'s output against target voxel indices (B, K, 3)."""
         raise NotImplementedError
 
-    def predict_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, 3) voxel indices (i, j, k) of the landmarks in the input grid."""
+    def predict_indices(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, 3) voxel indices (i, j, k) of the landmarks in the input grid. ``start`` (B, K, 3) voxel
+        indices, where known (the aligned reference's landmarks), is where a coarse-to-fine network begins
+        instead of its coarse stage; architectures without such a chain ignore it."""
         raise NotImplementedError
 
     def sample_indices(self, x: torch.Tensor, passes: int, generator: torch.Generator,
-                       shift_mm: float) -> torch.Tensor:
+                       shift_mm: float, start: torch.Tensor | None = None) -> torch.Tensor:
         """Test-time noise injection: (passes, B, K, 3) voxel indices; ``shift_mm`` is the size of the
-        noise where the architecture's noise is a shift."""
+        noise where the architecture's noise is a shift; ``start`` as in predict_indices."""
         raise NotImplementedError
 
     def gradcam_layers(self) -> list[str]:
