@@ -347,7 +347,7 @@ def cmd_demo(args) -> int:
         return 0
     summary = run_demo(args.output, args.model, args.device, args.seed, overwrite=args.overwrite)
     print(f"Detected {summary['n']} AFIDs on an unseen scan of the sample brain in {summary['detect_seconds']} s "
-          f"(alignment, network and {summary['passes']} uncertainty passes; {summary['seconds']} s for the whole demo "
+          f"(with {summary['passes']} uncertainty passes; {summary['seconds']} s for the whole demo "
           f"with Grad-CAM and the report, {summary['device']}).")
     print(f"Mean radial error {summary['mre_mm']:.2f} +- {summary['sd_mm']:.2f} mm; within 2 mm: "
           f"{summary['sdr_2mm']:.0f}%, within 4 mm: {summary['sdr_4mm']:.0f}%.")
