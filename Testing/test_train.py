@@ -137,3 +137,13 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     assert detection.alignment.similarity > 0.15  # the same template: clearly a head, clearly aligned
     with pytest.raises(Exception, match="changed options: synthesis"):
         train(TrainOptions(**{**options.__dict__, "synthesis": "", "resume": True}))
+
+
+def test_cosine_schedule_anneals_to_a_hundredth_by_the_last_epoch(tiny_dataset, tmp_path):
+    options = TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "run"), epochs=3,
+                           **{**TINY_TRAIN, "lr": 1e-3, "schedule": "cosine", "patience": 10})
+    train(options)
+    rates = [float(r["lr"]) for r in csv.DictReader((tmp_path / "run" / "log.csv").open())]
+    assert rates[0] < 1e-3 and rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(1e-5)
+    with pytest.raises(Exception, match="--schedule"):
+        train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "other"), schedule="step"))

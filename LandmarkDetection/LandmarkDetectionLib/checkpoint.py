@@ -17,7 +17,7 @@ from .fileio import atomic_write_bytes
 FORMAT = "LandmarkDetectionLib.checkpoint"
 # Options that must not change between a run and its --resume.
 FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "scales_mm", "patch_sizes",
-                   "size", "spacing", "loss", "alpha", "sigma_mm", "lr", "batch_size", "seed", "val_fraction",
+                   "size", "spacing", "loss", "alpha", "sigma_mm", "lr", "schedule", "batch_size", "seed", "val_fraction",
                    "test_fraction", "augment", "synthesis", "samples_per_epoch")
 
 
@@ -57,7 +57,8 @@ def load_checkpoint(path, options, network, optimizer, scheduler) -> dict:
     if metadata.get("format") != FORMAT:
         raise LandmarkError(path, "not a training checkpoint of this program")
     saved = json.loads(metadata["options"])
-    changed = [k for k, v in options_record(options).items() if saved.get(k) != v]
+    defaults = options_record(type(options)(dataset="", output=""))  # options added after the checkpoint was written
+    changed = [k for k, v in options_record(options).items() if saved.get(k, defaults[k]) != v]
     if changed:
         raise LandmarkError(path, f"--resume with changed options: {', '.join(changed)} (they must match the "
                                   "interrupted run)")

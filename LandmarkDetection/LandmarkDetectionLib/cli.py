@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
+                   help="learning rate: halve when validation stalls, or cosine-anneal to lr/100 over --epochs")
     p.add_argument("--loss", choices=("mse", "mixed"), default="mixed")
     p.add_argument("--alpha", type=float, default=0.4, help="heatmap weight of the Mixed loss")
     p.add_argument("--sigma-mm", type=float, default=3.0, help="Gaussian heatmap target width")

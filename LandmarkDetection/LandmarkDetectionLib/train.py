@@ -53,6 +53,7 @@ class TrainOptions:
     epochs: int = 100
     batch_size: int = 1
     lr: float = 1e-3
+    schedule: str = "plateau"  # "plateau": halve the rate when validation stalls; "cosine": anneal to lr/100
     loss: str = "mixed"
     alpha: float = 0.4
     sigma_mm: float = 3.0
@@ -90,6 +91,8 @@ def train(options: TrainOptions) -> Path:
     """Train a model; returns the path of the best model."""
     if options.loss not in LOSSES:
         raise LandmarkError(None, f"--loss {options.loss}: expected one of {', '.join(LOSSES)}")
+    if options.schedule not in SCHEDULES:
+        raise LandmarkError(None, f"--schedule {options.schedule}: expected one of {', '.join(SCHEDULES)}")
     rank, local_rank, world = _distributed()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and options.device != "cpu" else "gloo"
@@ -185,8 +188,7 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int) -> _Ru
         network = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(network.parameters(), lr=options.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
-                                                           patience=max(2, options.patience // 3))
+    scheduler = _scheduler(optimizer, options)
     use_amp = options.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -205,6 +207,16 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int) -> _Ru
     return _Run(options, output, device, world, main, splits, model, network, train_set, val_set, sampler, loader,
                 optimizer, scheduler, scaler, amp_dtype, use_amp, state, Progress(options.progress, enabled=main),
                 _tensorboard(output / "tensorboard") if main else None)
+
+
+SCHEDULES = ("plateau", "cosine")
+
+
+def _scheduler(optimizer, options: TrainOptions):
+    if options.schedule == "cosine":  # a short CPU budget ends with the smallest steps, not mid-plateau
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, options.epochs),
+                                                          eta_min=options.lr / 100)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(2, options.patience // 3))
 
 
 def _train_epoch(run: _Run, epoch: int) -> float:
@@ -238,7 +250,10 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: flo
     """Learning-rate schedule, early stopping, best model, log row, TensorBoard and checkpoint."""
     options, state = run.options, run.state
     val_mre = _broadcast(val.get("mre_mm", math.nan), run.device, run.world)
-    run.scheduler.step(val_mre)
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        run.scheduler.step(val_mre)
+    else:
+        run.scheduler.step()
     improved = val_mre < state["best_mre"]
     state.update(epoch=epoch, stale_epochs=0 if improved else state["stale_epochs"] + 1)
     if improved:
@@ -339,6 +354,7 @@ def _training_summary(options: TrainOptions, splits, epoch: int) -> dict:
     # The dataset's name only: a model file must not record local folders (user or patient names).
     summary = {"dataset": Path(options.dataset).name, "cases": {s: len(v) for s, v in splits.items()},
                "epochs_trained": epoch + 1, "loss": options.loss, "alpha": options.alpha, "lr": options.lr,
+               "schedule": options.schedule,
                "batch_size": options.batch_size, "seed": options.seed, "augment": options.augment or None,
                "torch": torch.__version__}
     summary.update(options.extra_metadata)
