@@ -38,12 +38,29 @@ def load_config(source: str | Path = "default") -> dict:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise LandmarkError(path, f"not a readable augmentation policy file ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("policies", {}), dict) \
+            or not isinstance(config.get("machine", {}), dict):
+        raise LandmarkError(path, "an augmentation policy file is a JSON object with 'policies' and 'machine' objects")
     probabilities = config.get("policies", {})
-    if set(probabilities) - set(POLICIES) or not probabilities or any(p < 0 for p in probabilities.values()):
+    if set(probabilities) - set(POLICIES) or not probabilities or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in probabilities.values()):
         raise LandmarkError(path, f"'policies' must give probabilities for some of {', '.join(POLICIES)}")
+    if sum(probabilities.values()) <= 0:
+        raise LandmarkError(path, "'policies': at least one probability must be above 0")
     unknown = set(config.get("machine", {})) - set(MACHINE_TRANSFORMS) - {"_doc"}
     if unknown:
         raise LandmarkError(path, f"unknown machine-side transforms: {', '.join(sorted(unknown))}")
+    for name, settings in config.get("machine", {}).items():
+        if name == "_doc":
+            continue
+        try:  # made here once, so that bad settings fail now and not in the middle of a dataset
+            getattr(tio, name)(**settings)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise LandmarkError(path, f"machine-side transform {name}: bad settings ({error})") from None
+    for key, low, high in (("machine_probability", 0, 1), ("max_redraws", 0, 1000)):
+        value = config.get(key, low)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            raise LandmarkError(path, f"'{key}' must be a number from {low} to {high}")
     if config.get("out_of_view", "redraw") not in ("redraw", "flag"):
         raise LandmarkError(path, "'out_of_view' must be 'redraw' or 'flag'")
     return config

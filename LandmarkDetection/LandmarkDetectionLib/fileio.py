@@ -62,6 +62,8 @@ def read_volume(path: str | Path) -> sitk.Image:
     except RuntimeError as error:
         first = str(error).strip().splitlines()
         raise LandmarkError(path, f"not a readable image ({first[-1] if first else 'unknown format'})") from None
+    except (MemoryError, OverflowError):
+        raise LandmarkError(path, "not a readable image (its header declares an impossible size)") from None
     return check_volume(image, path)
 
 
@@ -76,7 +78,13 @@ def _check_nifti_finite(path: Path) -> None:
         nifti = nibabel.load(str(path))
     except Exception:  # SimpleITK read it; nibabel's opinion is only a second check
         return
-    if nifti.get_data_dtype().kind == "f" and not np.isfinite(np.asanyarray(nifti.dataobj)).all():
+    try:
+        data = np.asanyarray(nifti.dataobj) if nifti.get_data_dtype().kind == "f" else None
+    except OSError as error:  # the header promises more voxels than the file holds
+        raise LandmarkError(path, f"voxel data is truncated or damaged ({error})") from None
+    except Exception:  # noqa: BLE001 - any other nibabel complaint: SimpleITK's reading stands
+        return
+    if data is not None and not np.isfinite(data).all():
         raise LandmarkError(path, "contains NaN or infinite voxel values")
 
 
@@ -160,7 +168,11 @@ def read_landmarks(path: str | Path, schema: Schema) -> np.ndarray:
         found[index] = True
         coords[index] = point.ras
     if unknown:
-        raise LandmarkError(path, f"{len(unknown)} label(s) not in schema '{schema.name}': {_short(unknown)}")
+        from .schema import schemas_fitting
+
+        fitting = [name for name in schemas_fitting([p.label for p in points]) if name != schema.name]
+        hint = f"; they fit schema '{fitting[0]}' (pass --schema {fitting[0]})" if fitting else ""
+        raise LandmarkError(path, f"{len(unknown)} label(s) not in schema '{schema.name}': {_short(unknown)}{hint}")
     missing = [schema.landmarks[i].name for i, ok in enumerate(found) if not ok]
     if missing:
         raise LandmarkError(path, f"{len(missing)} landmark(s) of schema '{schema.name}' are missing: "
@@ -178,13 +190,18 @@ def _read_markups_json(text, path):
         markups = data["markups"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise LandmarkError(path, "not a Slicer markups JSON file (no 'markups' list)") from None
+    if not isinstance(markups, list) or not all(isinstance(m, dict) for m in markups):
+        raise LandmarkError(path, "not a Slicer markups JSON file ('markups' is not a list of markups)")
     points = []
     for markup in markups:
         system = str(markup.get("coordinateSystem", "LPS")).upper()
         if system not in ("LPS", "RAS"):
             raise LandmarkError(path, f"unknown coordinateSystem {system!r}")
         sign = _LPS if system == "LPS" else np.ones(3)
-        for cp in markup.get("controlPoints", []):
+        control_points = markup.get("controlPoints") or []
+        if not isinstance(control_points, list) or not all(isinstance(cp, dict) for cp in control_points):
+            raise LandmarkError(path, "markups 'controlPoints' is not a list of points")
+        for cp in control_points:
             status = cp.get("positionStatus", "defined")
             position = cp.get("position")
             if status in ("missing", "undefined") or position is None:
@@ -241,6 +258,9 @@ def _read_csv(text, path):
     label = fields.get("name") or fields.get("label")
     if label is None:
         raise LandmarkError(path, "CSV needs a 'name' (or 'label') column")
+    systems = [axes for axes in (("l", "p", "s"), ("x", "y", "z"), ("r", "a", "s")) if all(c in fields for c in axes)]
+    if len(systems) > 1:
+        raise LandmarkError(path, "CSV has both LPS (l,p,s) and RAS (x,y,z or r,a,s) coordinate columns; keep one")
     if all(c in fields for c in ("l", "p", "s")):
         keys, sign = ("l", "p", "s"), _LPS
     elif all(c in fields for c in ("x", "y", "z")):

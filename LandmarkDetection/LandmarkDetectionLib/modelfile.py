@@ -95,17 +95,56 @@ def _unwrap(network):
     return network.module if hasattr(network, "module") else network
 
 
+# Bounds of a plausible model: a damaged or hostile header is refused before any memory is allocated.
+MAX_INPUT_VOXELS = 512 ** 3
+MAX_OPTION_VALUE = 1024  # channels, patch sizes, blocks, scales (mm)
+MAX_OPTION_LENGTH = 8  # stages
+
+
+def check_config(config: ModelConfig) -> None:
+    """Raise ValueError naming the first implausible value of a model configuration."""
+    from .models import architecture_class
+
+    geometry = config.geometry
+    if len(geometry.size) != 3 or not all(8 <= n <= 1024 for n in geometry.size):
+        raise ValueError(f"input size {list(geometry.size)} (expected three sizes of 8 to 1024 voxels)")
+    if np.prod(geometry.size, dtype=np.int64) > MAX_INPUT_VOXELS:
+        raise ValueError(f"input size {list(geometry.size)} exceeds {MAX_INPUT_VOXELS} voxels")
+    if len(geometry.spacing) != 3 or not all(np.isfinite(v) and 0 < v <= 20 for v in geometry.spacing):
+        raise ValueError(f"input spacing {list(geometry.spacing)} (expected three spacings above 0 and up to 20 mm)")
+    low, high = geometry.percentiles
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"intensity percentiles {[low, high]}")
+    if geometry.center_ras is not None and not (len(geometry.center_ras) == 3 and np.isfinite(geometry.center_ras).all()):
+        raise ValueError(f"grid centre {geometry.center_ras}")
+    for name, value in (("sigma_mm", config.sigma_mm), ("uncertainty_scale", config.uncertainty_scale)):
+        if not (np.isfinite(value) and 0 < value <= 1e6):
+            raise ValueError(f"{name} {value}")
+    defaults = architecture_class(config.architecture).default_options
+    for name, value in config.network.items():
+        if name not in defaults:
+            raise ValueError(f"unknown {config.architecture} option {name!r}")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not 1 <= len(values) <= MAX_OPTION_LENGTH or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and 0 <= v <= MAX_OPTION_VALUE
+                for v in values):
+            raise ValueError(f"{config.architecture} option {name} = {value!r}")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LandmarkModel:
     path = Path(path)
     metadata = read_header(path).metadata
     try:
         config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        check_config(config)
         schema = schema_from_dict(json.loads(metadata["schema"]), source=str(path))
         training = json.loads(metadata.get("training", "{}"))
         metrics = json.loads(metadata.get("metrics", "{}"))
         reference_grid = json.loads(metadata["reference"]) if "reference" in metadata else None
+        if not isinstance(training, dict) or not isinstance(metrics, dict):
+            raise ValueError("training and metrics must be JSON objects")
         model = LandmarkModel.create(config, schema)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         raise LandmarkError(path, f"model metadata is damaged ({error})") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
@@ -117,10 +156,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Landmark
     except (SafetensorError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0]
         raise LandmarkError(path, f"weights do not match the model's architecture ({first})") from None
+    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        raise LandmarkError(path, "model weights hold NaN or infinite values (a diverged or damaged model)")
     if (reference is None) != (reference_grid is None) or (reference is None) != (region is None):
         raise LandmarkError(path, "model metadata is damaged (reference image and its geometry do not match)")
     if reference is not None:
-        reference, region = _image(reference.float().numpy(), reference_grid), _image(region.numpy(), reference_grid)
+        try:
+            reference, region = _image(reference.float().numpy(), reference_grid), _image(region.numpy(), reference_grid)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise LandmarkError(path, f"model metadata is damaged (reference geometry: {error})") from None
     if prior is not None:
         prior = prior.double().numpy()
         if prior.shape != (len(schema), 3) or not np.isfinite(prior).all() or reference is None:

@@ -659,26 +659,6 @@ def resample_acpc(image: sitk.Image, transform, spacing: float = 1.0, margin_mm:
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def guess_schema(landmarks_path: str | Path) -> Schema:
-    """The one built-in schema whose landmarks the file holds, read by its labels."""
-    from .fileio import read_landmarks
-    from .schema import builtin_schemas, load_schema
-
-    matches = []
-    for name in builtin_schemas():
-        schema = load_schema(name)
-        try:
-            read_landmarks(landmarks_path, schema)
-        except LandmarkError:
-            continue
-        matches.append(schema)
-    if len(matches) != 1:
-        found = "no" if not matches else "more than one"
-        raise LandmarkError(landmarks_path, f"its labels match {found} built-in schema ({', '.join(builtin_schemas())}); "
-                                            "name one with --schema")
-    return matches[0]
-
-
 def read_covariance(path: str | Path, schema: Schema) -> np.ndarray:
     """(K, 3, 3) covariances in schema order from a NAME.uncertainty.json, matched by landmark name."""
     from .uncertainty import read_uncertainty
@@ -720,9 +700,9 @@ def add_planes_command(subparsers) -> argparse.ArgumentParser:
 def run_planes(args) -> int:
     """The ``planes`` command: read, compute, refuse unsafe outputs, write, print a summary."""
     from .fileio import check_writable_dir, read_landmarks, read_volume, stem, write_volume
-    from .schema import load_schema
+    from .schema import load_schema, schema_of_labels
 
-    schema = load_schema(args.schema) if args.schema else guess_schema(args.landmarks)
+    schema = load_schema(args.schema) if args.schema else schema_of_labels(args.landmarks)
     landmarks = read_landmarks(args.landmarks, schema)
     covariance = read_covariance(args.uncertainty, schema) if args.uncertainty else None
     if args.samples < 10:

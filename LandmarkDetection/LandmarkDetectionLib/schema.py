@@ -113,9 +113,15 @@ class Schema:
         """Index of the landmark called ``key`` (name, alias, or number as text), or None."""
         if not self._index:
             for i, lm in enumerate(self.landmarks):
+                self._index.setdefault(str(lm.number), i)
+            for i, lm in enumerate(self.landmarks):  # names and aliases win over numbers
                 for k in (lm.name, *lm.aliases):
                     self._index[k.strip().lower()] = i
         return self._index.get(str(key).strip().lower())
+
+    def fits(self, labels) -> bool:
+        """Whether every label names one of this schema's landmarks."""
+        return all(self.lookup(label) is not None for label in labels)
 
     def select(self, text: str) -> list[int]:
         """Landmark indices from 'all', a sub-anatomy name, or comma-separated landmark names/aliases."""
@@ -182,8 +188,40 @@ def load_schema(name_or_path: str | Path = DEFAULT_SCHEMA) -> Schema:
     return schema_from_dict(data, source=str(path))
 
 
+def schemas_fitting(labels) -> list[str]:
+    """The built-in schemas whose landmarks all ``labels`` name."""
+    return [name for name in builtin_schemas() if load_schema(name).fits(labels)]
+
+
+def schema_of_labels(landmarks_path: str | Path) -> Schema:
+    """The one built-in schema whose landmarks a landmark file holds, read by its labels (the default
+    when a command reading labels is given no --schema)."""
+    from .fileio import read_landmarks
+
+    matches = []
+    for name in builtin_schemas():
+        schema = load_schema(name)
+        try:
+            read_landmarks(landmarks_path, schema)
+        except LandmarkError:
+            continue
+        matches.append(schema)
+    if len(matches) != 1:
+        found = "no" if not matches else "more than one"
+        raise LandmarkError(landmarks_path, f"its labels match {found} built-in schema ({', '.join(builtin_schemas())}); "
+                                            "name one with --schema")
+    return matches[0]
+
+
 def schema_from_dict(data: dict, source: str = "<schema>") -> Schema:
     """Validate a schema dictionary and build a Schema; every problem names the schema file."""
+    try:
+        return _schema_from_dict(data, source)
+    except (TypeError, ValueError, AttributeError, KeyError) as error:  # wrong JSON types anywhere
+        raise LandmarkError(source, f"malformed schema ({type(error).__name__}: {error})") from None
+
+
+def _schema_from_dict(data: dict, source: str) -> Schema:
 
     def fail(problem):
         raise LandmarkError(source, problem)

@@ -62,11 +62,22 @@ class SynthesisConfig:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise LandmarkError(path, f"not a readable synthesis configuration ({error})") from None
+        if not isinstance(data, dict):
+            raise LandmarkError(path, "a synthesis configuration is a JSON object of settings")
+        defaults = cls()
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known - {"_doc"}
         if unknown:
             raise LandmarkError(path, f"unknown synthesis settings: {', '.join(sorted(unknown))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        for name, value in values.items():  # same shape as the default, finite, not negative
+            default = getattr(defaults, name)
+            items = value if isinstance(value, tuple) else (value,)
+            if (isinstance(value, tuple) != isinstance(default, tuple) or len(items) != len(np.atleast_1d(default))
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0
+                               for v in items)
+                    or (name.endswith("probability") and value > 1) or (name == "classes" and not 2 <= value <= 64)):
+                raise LandmarkError(path, f"synthesis setting {name} = {value!r}: expected a value like {default!r}")
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -101,6 +101,7 @@ def write_uncertainty(path_stem: Path, schema: "Schema", result: Uncertainty, fl
 
 
 def read_uncertainty(path: str | Path) -> tuple[Uncertainty, list[dict]]:
+    """A NAME.uncertainty.json: per landmark its mean and covariance (RAS), checked for shape and values."""
     from .errors import LandmarkError
 
     try:
@@ -108,9 +109,14 @@ def read_uncertainty(path: str | Path) -> tuple[Uncertainty, list[dict]]:
         records = document["landmarks"]
         mean = np.array([r["mean_ras"] for r in records], float)
         covariance = np.array([r["covariance_ras"] for r in records], float)
-    except (OSError, KeyError, TypeError, ValueError) as error:
-        raise LandmarkError(path, f"not a readable uncertainty file ({error})") from None
-    return Uncertainty(mean, covariance, float(document["level"])), records
+        level = float(document["level"])
+    except (OSError, KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
+        raise LandmarkError(path, f"not a readable uncertainty file ({type(error).__name__}: {error})") from None
+    if not records or mean.shape != (len(records), 3) or covariance.shape != (len(records), 3, 3):
+        raise LandmarkError(path, "uncertainty file: every landmark needs a 3-vector mean_ras and a 3x3 covariance_ras")
+    if not (np.isfinite(mean).all() and np.isfinite(covariance).all() and 0 < level < 1):
+        raise LandmarkError(path, "uncertainty file holds non-finite values or a level outside (0, 1)")
+    return Uncertainty(mean, covariance, level), records
 
 
 def fit_scale(mahalanobis_squared: np.ndarray, level: float) -> float:
