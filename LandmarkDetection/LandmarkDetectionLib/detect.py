@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from .align import AlignedGrid, Alignment, align
+from .data import InputVolume
 from .errors import LandmarkError
 from .fileio import atomic_write_text, check_outputs, landmarks_csv_text, read_volume, stem, write_markups_json
 from .modelfile import LandmarkModel
@@ -161,14 +162,16 @@ def detection_summary(model: LandmarkModel, detection: Detection, options: Uncer
     return text
 
 
-def detect_many(model: LandmarkModel, volumes: list[Path], output_dir: Path, device,
+def detect_many(model: LandmarkModel, volumes: list, output_dir: Path, device,
                 options: UncertaintyOptions | None = None, overwrite: bool = False) -> Iterator:
-    """Detect and write every volume; a failing volume is reported and the others go on. Yields
-    (volume, detection or None, error or None) as each finishes."""
+    """Detect and write every volume (paths, or data.input_volumes' InputVolumes with their output names
+    and subfolders); a failing volume is reported and the others go on. Yields (volume, detection or None,
+    error or None) as each finishes."""
     for volume in volumes:
+        item = volume if isinstance(volume, InputVolume) else InputVolume(Path(volume), stem(volume))
         try:
-            detection = detect_path(model, volume, device, options)
-            write_detection(model, detection, output_dir, overwrite, options=options)
+            detection = detect_volume(model, item.read(), device, item.output_name, options, item.path)
+            write_detection(model, detection, Path(output_dir) / item.subfolder, overwrite, options=options)
         except LandmarkError as error:
             yield volume, None, error
             continue

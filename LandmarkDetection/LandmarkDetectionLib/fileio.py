@@ -49,12 +49,13 @@ def read_volume(path: str | Path) -> sitk.Image:
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
+            # The largest series of the folder: stray files and scout series are left out (data.input_volumes
+            # warns about them where it discovers the inputs).
+            files = max((reader.GetGDCMSeriesFileNames(str(path), uid) for uid in reader.GetGDCMSeriesIDs(str(path))),
+                        key=len, default=())
+            if not files:
                 raise LandmarkError(path, "folder holds no DICOM series")
-            if len(series) > 1:
-                raise LandmarkError(path, f"folder holds {len(series)} DICOM series; point to one series")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            reader.SetFileNames(files)
             image = reader.Execute()
         else:
             image = sitk.ReadImage(str(path))

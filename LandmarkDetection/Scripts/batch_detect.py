@@ -39,7 +39,7 @@ def run(argv=None) -> int:
     try:
         device = pick_device(args.device)
         model = load_model(args.model or bundled_model_path(), device)
-        volumes = input_volumes(args.input)
+        volumes = input_volumes(args.input, warn=lambda text: print(f"warning: {text}", flush=True))
         output = check_writable_dir(args.output)
     except (LandmarkError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
