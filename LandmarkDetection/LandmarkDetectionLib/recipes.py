@@ -20,8 +20,8 @@ INTENDED_USE = ("Research use only; not for clinical use. Trained on one brain t
 
 RECIPES = {
     "afids-32": dict(schema="afids-32", architecture="locnet", channels=(16, 16, 12), scales_mm=(6.0, 3.0, 1.0),
-                     patch_sizes=(12, 16), spacing=(1.0, 1.0, 1.0), lr=2e-3, schedule="cosine", loss="mixed",
-                     alpha=0.4, sigma_mm=3.0, patience=32, seed=0, synthesis="default", samples_per_epoch=100, epochs=32,
+                     patch_sizes=(12, 16), spacing=(1.0, 1.0, 1.0), lr=2e-3, loss="mixed", alpha=0.4,
+                     sigma_mm=3.0, patience=12, seed=0, synthesis="default", samples_per_epoch=100, epochs=30,
                      workers=1),
     "afids-32-poses": dict(schema="afids-32", architecture="locnet", channels=(12, 12, 8), scales_mm=(6.0, 3.0, 1.5),
                            patch_sizes=(16, 12), size=(96, 112, 96), spacing=(2.0, 2.0, 2.0), lr=3e-3, loss="mixed",
