@@ -1,14 +1,23 @@
+import argparse
 import csv
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+from LandmarkDetectionLib.checkpoint import read_checkpoint
+from LandmarkDetectionLib.cli import build_parser, main
+from LandmarkDetectionLib.errors import LandmarkError
+from LandmarkDetectionLib.fileio import read_landmarks, write_markups_json
 from LandmarkDetectionLib.modelfile import load_model
 from LandmarkDetectionLib.train import TrainOptions, train
 from conftest import REPO, TINY_TRAIN
@@ -35,6 +44,25 @@ def _weights(path):
         return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("model/")}
 
 
+def _log(folder):
+    """log.csv rows without the wall-clock column."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((folder / "log.csv").open())]
+
+
+def _train_command(*args):
+    return [sys.executable, "-m", "LandmarkDetectionLib", "train", *map(str, args)]
+
+
+def _start_and_wait_for(command, message_start):
+    """A training process (--progress json) once it has said a message starting with ``message_start``."""
+    process = subprocess.Popen([*command, "--progress", "json"], stdout=subprocess.PIPE, text=True, env=_env())
+    for line in process.stdout:
+        if json.loads(line).get("message", "").startswith(message_start):
+            return process
+    process.wait()
+    raise AssertionError(f"the run ended (exit {process.returncode}) before saying {message_start!r}")
+
+
 def test_training_writes_model_checkpoint_logs_and_test_metrics(tiny_dataset, tmp_path):
     options = TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "run"), epochs=3,
                            **{**TINY_TRAIN, "val_fraction": 0.2, "test_fraction": 0.2})
@@ -53,7 +81,7 @@ def test_training_writes_model_checkpoint_logs_and_test_metrics(tiny_dataset, tm
         train(options)  # never silently overwrites a previous run
 
 
-def test_early_stopping(tiny_dataset, tmp_path):
+def test_early_stopping(tiny_dataset, tmp_path, capsys):
     options = TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "run"), epochs=10, patience=2,
                            **{**TINY_TRAIN, "lr": 0.0, "dropout": 0.0})
     train(options)
@@ -61,14 +89,20 @@ def test_early_stopping(tiny_dataset, tmp_path):
     errors = [float(r["val_mre_mm"]) for r in rows]
     best_epoch = errors.index(min(errors)) + 1
     assert len(rows) == best_epoch + 2 < 10  # two epochs without improvement stop the run
+    options.resume = True  # nothing left to do: one line, and the best model
+    assert train(options) == tmp_path / "run" / "model.safetensors"
+    assert capsys.readouterr().err.splitlines() == [
+        f"{tmp_path / 'run'}: already stopped early after {len(rows)} epochs (2 without improvement); "
+        "raise --patience to continue"]
 
 
 def test_resume_after_a_kill_continues_exactly(tiny_dataset, tmp_path):
-    settings = {**TINY_TRAIN, "epochs": 30, "seed": 7}
+    """Killed at the worst moment (its next log row written, the checkpoint write cut short), a run resumed
+    with nothing but --output --resume ends with the weights, log rows and files of an uninterrupted run."""
+    settings = {**TINY_TRAIN, "epochs": 5, "seed": 7}
     cli_settings = _cli_args({k: v for k, v in settings.items() if k != "progress"})
     def command_for(output):
-        return [sys.executable, "-m", "LandmarkDetectionLib", "train", "--dataset", str(tiny_dataset),
-                "--output", str(output), *cli_settings]
+        return _train_command("--dataset", tiny_dataset, "--output", output, *cli_settings)
 
     # The uninterrupted run in a process of its own too: same thread count, so the same floating point.
     straight = subprocess.run([*command_for(tmp_path / "straight"), "--progress", "none"], capture_output=True,
@@ -76,24 +110,52 @@ def test_resume_after_a_kill_continues_exactly(tiny_dataset, tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     killed = tmp_path / "killed"
-    command = command_for(killed)
-    process = subprocess.Popen([*command, "--progress", "json"], stdout=subprocess.PIPE, text=True, env=_env())
-    for line in process.stdout:
-        if json.loads(line).get("message", "").startswith("epoch 2:"):
-            process.send_signal(signal.SIGKILL)
-            break
+    process = _start_and_wait_for(command_for(killed), "epoch 2:")
+    process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    epochs_done = len(list(csv.DictReader((killed / "log.csv").open())))
-    assert 2 <= epochs_done < 30
+    done = read_checkpoint(killed / "checkpoint.safetensors")["state"]["epoch"] + 1
+    assert 2 <= done < 5 and done <= len(_log(killed)) <= done + 1
+    if len(_log(killed)) == done:  # the kill came earlier in the epoch: write what the next epoch writes first
+        with (killed / "log.csv").open("a", newline="") as handle:
+            csv.writer(handle).writerow([done + 1, 0.5, 9.0, 0.1, 0.2, 0.001, 1.0])
+    (killed / ".checkpoint.safetensors.k1ll3d.part").write_bytes(b"a checkpoint write cut short")
 
-    resumed = subprocess.run([*command, "--progress", "none", "--resume"], capture_output=True, text=True,
-                             env=_env())
+    resumed = subprocess.run(_train_command("--output", killed, "--resume", "--progress", "none"),
+                             capture_output=True, text=True, env=_env())
     assert resumed.returncode == 0, resumed.stderr
-    straight, again = _weights(tmp_path / "straight" / "checkpoint.safetensors"), _weights(killed / "checkpoint.safetensors")
+    straight = _weights(tmp_path / "straight" / "checkpoint.safetensors")
+    again = _weights(killed / "checkpoint.safetensors")
     assert straight.keys() == again.keys()
     for key in straight:
         assert torch.allclose(straight[key], again[key], atol=1e-6), key
+    assert _log(killed) == _log(tmp_path / "straight")
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "straight").iterdir())
+
+
+def test_a_busy_output_folder_is_refused_and_a_killed_run_leaves_it_free(tiny_dataset, tmp_path, capsys):
+    output = tmp_path / "run"
+    settings = {k: v for k, v in {**TINY_TRAIN, "epochs": 50}.items() if k != "progress"}
+    first = _start_and_wait_for(_train_command("--dataset", tiny_dataset, "--output", output, *_cli_args(settings)),
+                                "epoch 1:")
+    try:
+        for attempt in (["--dataset", str(tiny_dataset)], ["--resume"]):
+            assert main(["train", "--output", str(output), *attempt, "--progress", "none"]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.splitlines() == [f"error: {output}: is in use by another training run; wait for it "
+                                                 "to end or choose another --output"]
+            assert "best model" not in captured.out
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    # The operating system released the dead run's lock: the folder can be resumed at once.
+    done = read_checkpoint(output / "checkpoint.safetensors")["state"]["epoch"] + 1
+    assert main(["train", "--output", str(output), "--resume", "--epochs", str(done), "--progress", "none"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"{output}: already finished after {done} epoch{'' if done == 1 else 's'}; "
+                                         "raise --epochs to continue"]
+    assert captured.out.splitlines() == [f"best model: {output / 'model.safetensors'}"]
 
 
 def test_resume_refuses_changed_options(tiny_dataset, tmp_path):
@@ -147,3 +209,117 @@ def test_cosine_schedule_anneals_to_a_hundredth_by_the_last_epoch(tiny_dataset, 
     assert rates[0] < 1e-3 and rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(1e-5)
     with pytest.raises(Exception, match="--schedule"):
         train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "other"), schedule="step"))
+
+
+def test_resume_takes_the_stored_options_and_a_larger_epochs_replans_the_cosine(tiny_dataset, tmp_path, capsys):
+    output = tmp_path / "run"
+    settings = {**TINY_TRAIN, "lr": 1e-3, "schedule": "cosine", "epochs": 2}
+    assert main(["train", "--dataset", str(tiny_dataset), "--output", str(output), *_cli_args(settings)]) == 0
+    assert "warning" not in capsys.readouterr().err  # a tiny grid is no GPU-sized input
+
+    # A finished run: one line, success (exit 0), the existing best model.
+    assert main(["train", "--output", str(output), "--resume", "--progress", "none"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"{output}: already finished after 2 epochs; raise --epochs to continue"]
+    assert captured.out.splitlines() == [f"best model: {output / 'model.safetensors'}"]
+
+    assert main(["train", "--output", str(output), "--resume", "--lr", "0.5", "--schedule", "cosine"]) == 2
+    assert "changed options: lr (" in capsys.readouterr().err  # the schedule is as stored: not named
+
+    # A larger --epochs continues; the cosine is recomputed for 4 epochs, ending at lr/100 again.
+    assert main(["train", "--output", str(output), "--resume", "--epochs", "4", "--progress", "none"]) == 0
+    rates = [float(row["lr"]) for row in _log(output)]
+
+    def cosine(epoch, epochs):
+        return 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+    assert rates == pytest.approx([cosine(1, 2), cosine(2, 2), cosine(3, 4), cosine(4, 4)], rel=1e-9)
+    stored = read_checkpoint(output / "checkpoint.safetensors")
+    assert stored["options"]["epochs"] == 4 and stored["options"]["schema"] == "afids-32"
+
+
+def test_resume_refuses_a_changed_dataset_but_not_a_moved_one(tiny_dataset, tmp_path, afids32):
+    data, moved = tmp_path / "data", tmp_path / "moved"
+    shutil.copytree(tiny_dataset, data)
+    options = TrainOptions(dataset=str(data), output=str(tmp_path / "run"), epochs=1, **TINY_TRAIN)
+    train(options)
+    shutil.copytree(data, moved)
+    resumed = TrainOptions(**{**options.__dict__, "dataset": str(moved), "epochs": 2, "resume": True})
+
+    landmarks = read_landmarks(moved / "case00.mrk.json", afids32)
+    write_markups_json(moved / "case00.mrk.json", afids32, landmarks + 1.0)  # one annotation corrected
+    with pytest.raises(LandmarkError, match="dataset changed since the run"):
+        train(resumed)
+    shutil.copy(data / "case00.mrk.json", moved / "case00.mrk.json")
+    for part in ("nii.gz", "mrk.json"):  # one case fewer
+        (moved / f"case05.{part}").rename(tmp_path / f"case05.{part}")
+    with pytest.raises(LandmarkError, match="dataset changed since the run"):
+        train(resumed)
+    for part in ("nii.gz", "mrk.json"):
+        (tmp_path / f"case05.{part}").rename(moved / f"case05.{part}")
+
+    train(resumed)  # the same data in another folder
+    assert [int(row["epoch"]) for row in _log(tmp_path / "run")] == [1, 2]
+
+
+def test_epochs_below_one_and_data_without_usable_landmarks_are_errors(tiny_dataset, tmp_path, capsys, afids32):
+    def train_cli(dataset, *extra):
+        code = main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "run"),
+                     *_cli_args({**TINY_TRAIN, "epochs": 1}), *extra])
+        captured = capsys.readouterr()
+        assert code == 2 and "best model" not in captured.out
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
+
+    assert train_cli(tiny_dataset, "--epochs", "0") == "error: --epochs 0: expected at least 1"
+    assert train_cli(tiny_dataset, "--epochs", "-3") == "error: --epochs -3: expected at least 1"
+    empty = tmp_path / "unannotated"
+    shutil.copytree(tiny_dataset, empty)
+    for path in empty.glob("*.mrk.json"):  # every landmark marked missing
+        write_markups_json(path, afids32, np.full((len(afids32), 3), np.nan))
+    line = train_cli(empty)
+    assert line.startswith(f"error: {empty}: no usable landmark in the training cases") and "missing or NaN" in line
+    assert not (tmp_path / "run").exists()  # a failed run leaves no output folder behind
+
+
+def test_training_on_a_cpu_warns_about_a_gpu_sized_input(tiny_dataset, tmp_path):
+    """130^3 voxels per sample for highres3dnet on a CPU: one line on stderr before the first epoch."""
+    command = _train_command("--dataset", tiny_dataset, "--output", tmp_path / "run", "--device", "cpu",
+                             *_cli_args({**TINY_TRAIN, "size": (130, 130, 130), "epochs": 1}))
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=_env())
+    watchdog = threading.Timer(120, process.kill)
+    watchdog.start()
+    warning = None
+    try:
+        for line in process.stderr:
+            if line.startswith("warning:"):
+                warning = line
+                break
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
+    assert warning is not None, "no warning before the first epoch"
+    assert "130x130x130 voxels (2.2 million per sample) is GPU-sized" in warning
+    assert "landmark-detection demo --train-model WORK" in warning and "smaller --size" in warning
+
+
+def test_train_help_shows_the_defaults_a_new_run_uses():
+    """The train options are SUPPRESSed (left-out ones come from TrainOptions, or the checkpoint with
+    --resume); their help must still state TrainOptions' defaults."""
+    parser = build_parser()
+    train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    args = parser.parse_args(["train", "--output", "out"])
+    per_invocation = {"dataset", "output", "resume", "device", "progress", "amp", "channels", "help"}
+    checked = set()
+    for action in train_parser._actions:
+        if action.dest in per_invocation:
+            continue
+        assert not hasattr(args, action.dest), action.dest
+        default = getattr(TrainOptions, action.dest)
+        text = action.help.split("(default: ")[1].split(")")[0]
+        shown = "" if text == "none" else action.type(text) if action.type else text
+        assert shown == default, (action.dest, text, default)
+        checked.add(action.dest)
+    assert checked == set(TrainOptions.__dataclass_fields__) - per_invocation - {"extra_metadata"}

@@ -284,8 +284,8 @@ def augment_dataset(source, output, copies: int, seed: int, schema, config_sourc
     import csv as _csv
     import io as _io
 
-    from .data import discover_cases
-    from .fileio import (atomic_write_text, check_outputs, check_writable_dir, read_landmarks, read_volume, safe_name,
+    from .data import discover_cases, read_case
+    from .fileio import (atomic_write_text, check_outputs, check_writable_dir, safe_name,
                          write_markups_json, write_volume)
 
     cases = discover_cases(source)
@@ -305,7 +305,7 @@ def augment_dataset(source, output, copies: int, seed: int, schema, config_sourc
     if progress:
         progress.start("augment", len(cases) * copies)
     for n, case in enumerate(cases):
-        image, landmarks = read_volume(case.image), read_landmarks(case.landmarks, schema)
+        image, landmarks = read_case(case, schema)
         for copy in range(copies):
             rng = np.random.default_rng([seed, n, copy])
             out, moved, applied = augmenter.augment(image, landmarks, rng)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Case
-from .detect import UncertaintyOptions, detect_path
-from .fileio import read_landmarks
+from .data import Case, read_case
+from .detect import UncertaintyOptions, detect_volume
 from .modelfile import LandmarkModel
 from .runtime import Progress
 from .uncertainty import fit_scale
@@ -33,8 +32,8 @@ def calibrate(model: LandmarkModel, cases: list[Case], device, options: Uncertai
     progress = progress or Progress("none")
     progress.start("calibrate", len(cases))
     for step, case in enumerate(cases, start=1):
-        detection = detect_path(model, case.image, device, options)
-        truth = read_landmarks(case.landmarks, model.schema)
+        image, truth = read_case(case, model.schema)
+        detection = detect_volume(model, image, device, case.name, options, case.image)
         distances.append(detection.uncertainty.mahalanobis_squared(truth))
         inside.append(detection.uncertainty.covers(truth))
         progress.update(step)

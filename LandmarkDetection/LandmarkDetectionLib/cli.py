@@ -24,6 +24,55 @@ def _triple(kind):
     return parse
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (options whose default is None, False or absent have none)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        default = action.default
+        if ((action.option_strings or action.nargs == "?") and not action.required and "(default" not in help_text
+                and not any(default is v for v in (None, False, argparse.SUPPRESS))):
+            shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+            help_text += f" (default: {str(shown).replace('%', '%%')})"
+        return help_text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Help with defaults; a usage error is one line naming the command, exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def number(kind, low, high, low_open=False):
+    """An argparse type: a ``kind`` number from ``low`` to ``high`` (above ``low`` when ``low_open``)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {'above' if low_open else 'from'} "
+                                             f"{low} {'and at most' if low_open else 'to'} {high}")
+        return value
+    return parse
+
+
+MAX_PASSES = 1000
+
+
+def _passes(text):
+    """--uncertainty: 0 (off) or 2 to MAX_PASSES noise passes (one pass has no spread)."""
+    value = number(int, 0, MAX_PASSES)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("1 pass gives no spread: use 0 (off) or 2 to 1000 passes")
+    return value
+
+
 def _ints(text):
     return tuple(int(v) for v in text.split(","))
 
@@ -33,12 +82,16 @@ def _floats(text):
 
 
 def _add_uncertainty(parser, default_passes=0):
-    parser.add_argument("--uncertainty", type=int, nargs="?", const=50, default=default_passes, metavar="N",
-                        help="test-time noise passes for uncertainty ellipsoids (0 = off; N defaults to 50)")
-    parser.add_argument("--shift-mm", type=float, default=5.0, help="locnet: uniform shift of the finest crops")
-    parser.add_argument("--level", type=float, default=0.9, help="confidence level of the ellipsoids")
-    parser.add_argument("--flag-mm", type=float, default=5.0, help="flag landmarks whose ellipsoid exceeds this")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise passes")
+    parser.add_argument("--uncertainty", type=_passes, nargs="?", const=50, default=default_passes, metavar="N",
+                        help=f"test-time noise passes for uncertainty ellipsoids: 0 = off, or 2 to {MAX_PASSES} "
+                             "(N defaults to 50)")
+    parser.add_argument("--shift-mm", type=number(float, 0, 50), default=5.0,
+                        help="locnet: uniform shift of the finest crops, 0 to 50 mm")
+    parser.add_argument("--level", type=number(float, 0, 0.999, low_open=True), default=0.9,
+                        help="confidence level of the ellipsoids, above 0 and below 1")
+    parser.add_argument("--flag-mm", type=number(float, 0, 1000, low_open=True), default=5.0,
+                        help="flag landmarks whose ellipsoid's longest semi-axis exceeds this (mm)")
+    parser.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of the noise passes")
 
 
 def _uncertainty_options(args):
@@ -57,58 +110,70 @@ def _add_common(parser, progress=True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="landmark-detection", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="landmark-detection", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = commands.add_parser("train", help="train a model on a dataset folder or manifest")
+    # Options left out are absent from the namespace (SUPPRESS): a new run takes TrainOptions' defaults (shown
+    # in the help; Testing/test_train.py checks they agree), --resume the checkpoint's.
+    p = commands.add_parser("train", help="train a model on a dataset folder or manifest",
+                            argument_default=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_train)
-    p.add_argument("--dataset", required=True, help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV")
+    p.add_argument("--dataset", help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV "
+                                     "(required, except with --resume)")
     p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
-    p.add_argument("--schema", default="brain-88", help="built-in schema name or schema JSON file")
-    p.add_argument("--architecture", default="highres3dnet",
-                   help="network architecture (models/): highres3dnet (the paper's) or locnet (multi-scale)")
-    p.add_argument("--channels", type=_ints, default=None,
-                   help="channels per stage (default highres3dnet 16,32,64; locnet 16,16,12)")
-    p.add_argument("--blocks-per-stage", type=int, default=3, help="highres3dnet residual blocks per stage")
-    p.add_argument("--dropout", type=float, default=0.1, help="highres3dnet dropout (also MC-dropout uncertainty)")
-    p.add_argument("--scales-mm", type=_floats, default=(4.0, 2.0, 1.0), help="locnet stage scales, coarse to fine")
-    p.add_argument("--patch-sizes", type=_ints, default=(24, 16), help="locnet patch voxels per refining stage")
-    p.add_argument("--size", type=_triple(int), default=(224, 224, 101), help="input grid voxels i,j,k")
-    p.add_argument("--spacing", type=_triple(float), default=(1.0, 1.0, 2.2), help="input grid spacing mm")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
-                   help="learning rate: halve when validation stalls, or cosine-anneal to lr/100 over --epochs")
-    p.add_argument("--loss", choices=("mse", "mixed"), default="mixed")
-    p.add_argument("--alpha", type=float, default=0.4, help="heatmap weight of the Mixed loss")
-    p.add_argument("--sigma-mm", type=float, default=3.0, help="Gaussian heatmap target width")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--test-fraction", type=float, default=0.0)
-    p.add_argument("--patience", type=int, default=20, help="early stopping: epochs without improvement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision on CUDA")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--augment", default="", help="augmentation policy set: 'default' or a policy JSON file")
-    p.add_argument("--synthesis", default="", help="the generalising recipe: 'default' or a synthesis JSON file "
-                                                  "(synthetic appearance and anatomy in the first case's frame; "
-                                                  "the model aligns every scan to it)")
-    p.add_argument("--samples-per-epoch", type=int, default=100, help="with --synthesis: samples per epoch")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output after its last epoch")
+    p.add_argument("--schema", help="built-in schema name or schema JSON file (default: brain-88)")
+    p.add_argument("--architecture", help="network architecture (models/): highres3dnet (the paper's) or locnet "
+                                          "(multi-scale) (default: highres3dnet)")
+    p.add_argument("--channels", type=_ints,
+                   help="channels per stage (default: highres3dnet 16,32,64; locnet 16,16,12)")
+    p.add_argument("--blocks-per-stage", type=int, help="highres3dnet residual blocks per stage (default: 3)")
+    p.add_argument("--dropout", type=float, help="highres3dnet dropout, also MC-dropout uncertainty (default: 0.1)")
+    p.add_argument("--scales-mm", type=_floats, help="locnet stage scales, coarse to fine (default: 4,2,1)")
+    p.add_argument("--patch-sizes", type=_ints, help="locnet patch voxels per refining stage (default: 24,16)")
+    p.add_argument("--size", type=_triple(int), help="input grid voxels i,j,k (default: 224,224,101)")
+    p.add_argument("--spacing", type=_triple(float), help="input grid spacing mm (default: 1,1,2.2)")
+    p.add_argument("--epochs", type=int, help="epochs to train, at least 1; with --resume a larger value "
+                                              "continues a finished run (default: 100)")
+    p.add_argument("--batch-size", type=int, help="(default: 1)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--schedule", choices=("plateau", "cosine"),
+                   help="learning rate: halve when validation stalls, or cosine-anneal to lr/100 over --epochs "
+                        "(default: plateau)")
+    p.add_argument("--loss", choices=("mse", "mixed"), help="(default: mixed)")
+    p.add_argument("--alpha", type=float, help="heatmap weight of the Mixed loss (default: 0.4)")
+    p.add_argument("--sigma-mm", type=float, help="Gaussian heatmap target width (default: 3.0)")
+    p.add_argument("--val-fraction", type=float, help="(default: 0.2)")
+    p.add_argument("--test-fraction", type=float, help="(default: 0.0)")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default: 20)")
+    p.add_argument("--seed", type=int, help="(default: 0)")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
+                   help="disable mixed precision on CUDA")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--augment", help="augmentation policy set: 'default' or a policy JSON file (default: none)")
+    p.add_argument("--synthesis", help="the generalising recipe: 'default' or a synthesis JSON file "
+                                       "(synthetic appearance and anatomy in the first case's frame; "
+                                       "the model aligns every scan to it) (default: none)")
+    p.add_argument("--samples-per-epoch", type=int, help="with --synthesis: samples per epoch (default: 100)")
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue the run in --output after its last epoch, with the options stored in its "
+                        "checkpoint (options given again must match, except --epochs, --patience, --workers, "
+                        "--no-amp, --device, --progress)")
     _add_common(p)
 
     p = commands.add_parser("detect", help="detect landmarks in a volume or a folder of volumes")
     p.set_defaults(handler=cmd_detect)
     p.add_argument("--model", required=True, help="model .safetensors file")
-    p.add_argument("--input", required=True, help="volume file, DICOM folder or folder of volumes")
+    p.add_argument("--input", required=True, help="volume file, DICOM folder, folder of volumes or BIDS dataset")
     p.add_argument("--output", required=True, help="folder for NAME.mrk.json and NAME.csv")
+    p.add_argument("--bids", action="store_true", help="write a BIDS-derivatives layout: "
+                                                       "sub-X/[ses-Y/]anat/<input name>_landmarks.mrk.json, ...")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_uncertainty(p)
     _add_common(p)
 
     p = commands.add_parser("calibrate", help="fit the uncertainty recalibration factor on validation data")
     p.set_defaults(handler=cmd_calibrate)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model .safetensors file to calibrate (only read)")
     p.add_argument("--dataset", required=True, help="validation cases (folder or manifest) the model did not train on")
     p.add_argument("--output", required=True, help="the calibrated model file to write (never the input model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -120,25 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="folder of predicted landmark files")
     p.add_argument("--truth", required=True, help="folder of truth landmark files, or a dataset manifest CSV")
     p.add_argument("--output", required=True, help="CSV report file")
-    p.add_argument("--schema", default=None, help="schema (default: from --model, else brain-88)")
+    p.add_argument("--schema", default=None, help="schema (default: from --model, else the built-in schema whose "
+                                                  "landmarks the first truth file holds)")
     p.add_argument("--model", default=None, help="take the schema from this model")
     p.add_argument("--plot", default=None, help="uncertainty vs error PNG (when predictions have .uncertainty.json)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     p = commands.add_parser("schema", help="list, show or validate landmark schemas")
     p.set_defaults(handler=cmd_schema)
-    p.add_argument("action", choices=("list", "show", "validate"))
+    p.add_argument("action", choices=("list", "show", "validate"),
+                   help="list the built-in schemas, show one's landmarks and guidelines, or validate a schema file")
     p.add_argument("name", nargs="?", default="brain-88", help="schema name or JSON file")
 
     p = commands.add_parser("augment", help="write augmented copies of a dataset, or a preview figure")
     p.set_defaults(handler=cmd_augment)
     p.add_argument("--input", required=True, help="dataset folder or manifest CSV (only read)")
     p.add_argument("--output", help="folder for the augmented copies and manifest.csv")
-    p.add_argument("--copies", type=int, default=5, help="augmented copies per case")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copies", type=number(int, 1, 1000), default=5, help="augmented copies per case, 1 to 1000")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of the augmentation draws")
     p.add_argument("--policies", default="default", help="policy set: 'default' or a JSON file like "
                                                           "Resources/Augmentation/default.json")
-    p.add_argument("--schema", default="brain-88")
+    p.add_argument("--schema", default=None, help="schema name or JSON file (default: the built-in schema whose "
+                                                  "landmarks the first case's file holds)")
     p.add_argument("--preview", help="instead of copies, draw each policy's effect on the first case to this PNG")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_common(p)
@@ -148,12 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo-output", help="folder for the scan, landmarks and summary")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --output")
     p.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    p.add_argument("--seed", type=int, default=2026, help="seed of the test scan's head position and artefacts")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=2026,
+                   help="seed of the test scan's head position and artefacts")
     p.add_argument("--train-model", metavar="WORK", help="instead, train the bundled model from scratch in WORK")
     p.add_argument("--recipe", default="afids-32", help="with --train-model: afids-32 (the generalising recipe) "
                                                          "or afids-32-poses (the earlier one)")
-    p.add_argument("--epochs", type=int, default=None, help="with --train-model (default: the recipe's)")
-    p.add_argument("--workers", type=int, default=None, help="with --train-model: DataLoader workers")
+    p.add_argument("--epochs", type=number(int, 1, 10000), default=None,
+                   help="with --train-model (default: the recipe's)")
+    p.add_argument("--workers", type=number(int, 0, 64), default=None,
+                   help="with --train-model: DataLoader workers (default: the recipe's)")
     p.add_argument("--resume", action="store_true", help="with --train-model: continue an interrupted training")
     _add_common(p)
 
@@ -164,19 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="one volume")
     p.add_argument("--output", required=True, help="folder for the CAM volumes and focus CSV")
     p.add_argument("--landmarks", default="all", help="comma-separated names, a sub-anatomy name, or 'all'")
-    p.add_argument("--layer", default=None, help="layer to explain (default: the architecture's)")
-    p.add_argument("--target", choices=("argmax", "coordinate"), default="argmax")
-    p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz")
+    p.add_argument("--layer", default=None, help="layer to explain (default: the architecture's, in its finest "
+                                                 "stage; a name that is not a layer lists the layers)")
+    p.add_argument("--target", choices=("argmax", "coordinate"), default="argmax",
+                   help="what the gradient explains: the heatmap's peak or the predicted coordinate")
+    p.add_argument("--format", choices=("nii.gz", "nrrd"), default="nii.gz", help="file format of the CAM volumes")
     p.add_argument("--single-file", action="store_true", help="one multi-component volume instead of one per landmark")
     p.add_argument("--normalize", action="store_true", help="scale each CAM to a maximum of 1")
-    p.add_argument("--radius-mm", type=float, default=10.0, help="radius of the focus metric")
-    p.add_argument("--chunk", type=int, default=4, help="landmarks per backward pass")
+    p.add_argument("--radius-mm", type=number(float, 0, 200, low_open=True), default=10.0,
+                   help="radius of the focus metric (mm)")
+    p.add_argument("--chunk", type=number(int, 1, 128), default=4, help="landmarks per backward pass, 1 to 128")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_common(p)
 
     p = commands.add_parser("info", help="describe a model file (read without torch)")
     p.set_defaults(handler=cmd_info)
-    p.add_argument("model")
+    p.add_argument("model", help="model .safetensors file")
     p.add_argument("--json", action="store_true", help="print the whole metadata as one JSON object instead")
 
     add_planes_command(commands)
@@ -184,36 +258,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .fileio import remove_if_empty
+
     args = build_parser().parse_args(argv)
+    output = getattr(args, "output", None)
+    new_output = output is not None and not Path(output).exists()
+    code = 1
     try:
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
     except LandmarkError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except ValueError as error:  # bad option values (e.g. an unavailable --device)
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    finally:
+        if code and new_output:  # a failed run leaves no empty output folder behind
+            remove_if_empty(output)
+    return code
 
 
 def cmd_train(args) -> int:
-    from .train import TrainOptions, train
+    from .train import TrainOptions, train_command
 
-    from .models import architecture_class
-
-    fields = TrainOptions.__dataclass_fields__
-    if args.channels is None:
-        args.channels = architecture_class(args.architecture).default_options["channels"]
-    options = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    path = train(options)
+    path = train_command({k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__})
     print(f"best model: {path}")
     return 0
 
 
 def cmd_detect(args) -> int:
-    from .data import input_volumes
+    from .data import input_volumes, write_bids_description
     from .detect import detect_many, detection_summary
     from .fileio import check_writable_dir
     from .modelfile import load_model
@@ -221,9 +298,11 @@ def cmd_detect(args) -> int:
 
     device = pick_device(args.device)
     model = load_model(args.model, device)
-    volumes = input_volumes(args.input)
+    volumes = input_volumes(args.input, args.bids, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
     output = check_writable_dir(args.output)
     options = _uncertainty_options(args)
+    if args.bids:
+        write_bids_description(output)
     progress = Progress(args.progress)
     progress.start("detect", len(volumes))
     failures = 0
@@ -246,15 +325,18 @@ def cmd_detect(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_table, write_evaluation_csv
     from .fileio import check_outputs
+    from .evaluate import truth_files
     from .modelfile import load_model
-    from .schema import load_schema
+    from .schema import load_schema, schema_of_labels
 
     if args.model:
         schema = load_model(args.model).schema
         if args.schema:
             load_model(args.model).check_schema(load_schema(args.schema), args.schema)
+    elif args.schema:
+        schema = load_schema(args.schema)
     else:
-        schema = load_schema(args.schema or "brain-88")
+        schema = schema_of_labels(truth_files(args.truth)[0])
     evaluation = evaluate(args.predictions, args.truth, schema)
     check_outputs([args.output, *([args.plot] if args.plot else [])], evaluation.files, args.overwrite)
     write_evaluation_csv(evaluation, args.output)
@@ -315,16 +397,16 @@ def cmd_schema(args) -> int:
 
 def cmd_augment(args) -> int:
     from .augment import augment_dataset, preview
-    from .data import discover_cases
-    from .fileio import check_outputs, read_landmarks, read_volume
+    from .data import discover_cases, read_case
+    from .fileio import check_outputs
     from .runtime import Progress
-    from .schema import load_schema
+    from .schema import load_schema, schema_of_labels
 
-    schema = load_schema(args.schema)
+    schema = load_schema(args.schema) if args.schema else schema_of_labels(discover_cases(args.input)[0].landmarks)
     if args.preview:
         case = discover_cases(args.input)[0]
         check_outputs([args.preview], [args.input, case.image, case.landmarks], args.overwrite)
-        preview(read_volume(case.image), read_landmarks(case.landmarks, schema), args.preview, args.seed,
+        preview(*read_case(case, schema), args.preview, args.seed,
                 args.policies)
         print(f"preview: {args.preview}")
         return 0

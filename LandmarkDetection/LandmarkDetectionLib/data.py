@@ -3,7 +3,9 @@
 Folder: every volume ``NAME.nii.gz`` (or .nrrd, .mha, ...) with a landmark file ``NAME.mrk.json``
 (or .fcsv, .csv) beside it. Manifest: a CSV with columns ``image`` and ``landmarks`` (paths relative
 to the manifest), optional ``split`` (train, val, test), ``group`` and ``extra_images`` (other contrasts
-of the same scan, ';'-separated, used by synthetic training).
+of the same scan, ';'-separated, used by synthetic training). Rows whose ``training`` column says ``no``
+are skipped (an annotation dataset, datasets.py, lists every annotator's row but trains on one per case);
+other columns are ignored.
 
 Detection inputs (``input_volumes``): a volume file, a folder (its volume files, its main DICOM series
 and its DICOM subfolders) or a BIDS dataset, each volume with a unique output name.
@@ -15,6 +17,7 @@ import csv
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +29,7 @@ import torch
 from .errors import LandmarkError
 from .fileio import (LANDMARK_SUFFIXES, VOLUME_SUFFIXES, atomic_write_text, check_volume, read_landmarks, read_volume,
                      safe_name, stem)
+from .geometry import Grid
 from .preprocess import InputGeometry, model_grid, normalize_intensity, resample_to_grid
 from .schema import Schema
 
@@ -40,6 +44,27 @@ class Case:
     split: str = ""
     group: str = ""
     extra_images: tuple[Path, ...] = ()  # other contrasts of the same scan (e.g. T2w), for synthesis
+
+
+FAR_OUTSIDE_MM = 20.0  # landmarks farther outside their image than this are a coordinate mix-up, not anatomy
+_warned: set[Path] = set()
+
+
+def read_case(case: Case, schema: Schema) -> tuple[sitk.Image, np.ndarray]:
+    """A case's image and landmarks (RAS, schema order). Landmarks far outside the image (usually LPS
+    coordinates read as RAS, or another scan's file) get one warning line per file and process."""
+    image, landmarks = read_volume(case.image), read_landmarks(case.landmarks, schema)
+    grid = Grid.of(image)
+    margin = -FAR_OUTSIDE_MM / min(grid.spacing)  # a negative margin widens the box
+    defined = np.isfinite(landmarks).all(axis=1)
+    outside = defined & ~grid.contains(np.where(defined[:, None], landmarks, 0.0), margin)
+    if outside.any() and case.landmarks not in _warned:
+        _warned.add(case.landmarks)
+        names = [schema.landmarks[i].name for i in np.flatnonzero(outside)]
+        print(f"warning: {case.landmarks}: {len(names)} landmark(s) lie more than {FAR_OUTSIDE_MM:g} mm outside "
+              f"{Path(case.image).name} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
+              "check the coordinate system (RAS vs LPS) and that the file belongs to this image", file=sys.stderr)
+    return image, landmarks
 
 
 def discover_cases(source: str | Path, require_landmarks: bool = True) -> list[Case]:
@@ -284,11 +309,15 @@ def _from_manifest(manifest: Path) -> list[Case]:
         rows = list(csv.DictReader(manifest.open(encoding="utf-8-sig")))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise LandmarkError(manifest, f"not a readable CSV manifest ({error})") from None
-    if not rows or not {"image", "landmarks"} <= set(rows[0]):
+    if not rows:
+        raise LandmarkError(manifest, "manifest lists no cases")
+    if not {"image", "landmarks"} <= set(rows[0]):
         raise LandmarkError(manifest, "manifest needs 'image' and 'landmarks' columns")
     cases, names = [], set()
     for line, row in enumerate(rows, start=2):
         row = {key: (value or "") for key, value in row.items() if key is not None}  # short rows: empty cells
+        if row.get("training", "").strip().lower() == "no":
+            continue  # another annotator's annotation of a case (datasets.py): not trained on
         if not row["image"].strip() or not row["landmarks"].strip():
             raise LandmarkError(manifest, f"line {line}: needs an image and a landmarks file")
         image = (manifest.parent / row["image"].strip()).resolve()
@@ -346,8 +375,7 @@ class LandmarkDataset(torch.utils.data.Dataset):
         return len(self.cases)
 
     def load(self, index: int):
-        case = self.cases[index]
-        return read_volume(case.image), read_landmarks(case.landmarks, self.schema)
+        return read_case(self.cases[index], self.schema)
 
     def __getitem__(self, index: int):
         if self.augmentation is None and index in self._cache:

@@ -18,7 +18,8 @@ import torch
 from .align import AlignedGrid, Alignment, align
 from .data import InputVolume
 from .errors import LandmarkError
-from .fileio import atomic_write_text, check_outputs, landmarks_csv_text, read_volume, stem, write_markups_json
+from .fileio import (atomic_write_text, check_outputs, landmarks_csv_text, read_volume, stem, write_markups_json,
+                     written_together)
 from .modelfile import LandmarkModel
 from .preprocess import model_grid, normalize_intensity, resample_to_grid
 from .uncertainty import Uncertainty, summarize_samples, write_uncertainty
@@ -142,12 +143,14 @@ def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path
         extra_columns.update(max_semi_axis_mm=detection.uncertainty.max_semi_axis())
     if detection.uncertainty is not None or detection.alignment is not None:
         extra_columns.update(flagged=detection.flagged(options.flag_mm).astype(int))
-    if detection.uncertainty is not None:
-        write_uncertainty(output_dir / detection.name, model.schema, detection.uncertainty, options.flag_mm,
-                          options.passes, model.network.uncertainty_method, model.config.uncertainty_scale,
-                          detection.flagged(options.flag_mm))
-    write_markups_json(paths["markups"], model.schema, detection.landmarks_ras, name=f"{detection.name} landmarks")
-    atomic_write_text(paths["csv"], landmarks_csv_text(model.schema, detection.landmarks_ras, extra_columns))
+    with written_together():
+        atomic_write_text(paths["csv"], landmarks_csv_text(model.schema, detection.landmarks_ras, extra_columns))
+        write_markups_json(paths["markups"], model.schema, detection.landmarks_ras,
+                           name=f"{detection.name} landmarks")
+        if detection.uncertainty is not None:
+            write_uncertainty(output_dir / detection.name, model.schema, detection.uncertainty, options.flag_mm,
+                              options.passes, model.network.uncertainty_method, model.config.uncertainty_scale,
+                              detection.flagged(options.flag_mm))
     return paths
 
 

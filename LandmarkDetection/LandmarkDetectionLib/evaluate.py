@@ -49,17 +49,27 @@ def _landmark_file(folder: Path, name: str) -> Path | None:
     return next((folder / f"{name}{s}" for s in LANDMARK_SUFFIXES if (folder / f"{name}{s}").is_file()), None)
 
 
+def _truth_pairs(truth: Path) -> list[tuple[str, Path, str]]:
+    """(case name, truth landmark file, group) from a dataset manifest or a folder of landmark files."""
+    if truth.is_file():  # a dataset manifest
+        return [(c.name, c.landmarks, c.group) for c in discover_cases(truth)]
+    if truth.is_dir():
+        names = sorted({stem(p) for p in truth.iterdir() if p.name.lower().endswith(LANDMARK_SUFFIXES)})
+        if not names:
+            raise LandmarkError(truth, "holds no landmark files (.mrk.json, .fcsv, .csv)")
+        return [(n, _landmark_file(truth, n), "") for n in names]
+    raise LandmarkError(truth, "truth does not exist")
+
+
+def truth_files(truth: str | Path) -> list[Path]:
+    return [path for _, path, _ in _truth_pairs(Path(truth))]
+
+
 def evaluate(predictions: str | Path, truth: str | Path, schema: Schema) -> Evaluation:
     predictions, truth = Path(predictions), Path(truth)
     if not predictions.is_dir():
         raise LandmarkError(predictions, "predictions must be a folder of landmark files")
-    if truth.is_file():  # a dataset manifest
-        pairs = [(c.name, c.landmarks, c.group) for c in discover_cases(truth)]
-    elif truth.is_dir():
-        names = sorted({stem(p) for p in truth.iterdir() if p.name.lower().endswith(LANDMARK_SUFFIXES)})
-        pairs = [(n, _landmark_file(truth, n), "") for n in names]
-    else:
-        raise LandmarkError(truth, "truth does not exist")
+    pairs = _truth_pairs(truth)
     rows, names, groups, semi_axes, inside, level, files = [], [], [], [], [], None, [truth]
     for name, truth_file, group in pairs:
         predicted = _landmark_file(predictions, name)

@@ -10,6 +10,7 @@ leaves a half-written output.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import io as _io
 import json
@@ -112,7 +113,10 @@ def write_volume(image: sitk.Image, path: str | Path) -> None:
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     with atomic_path(path, suffix=suffix) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as error:  # ITK reports a full disk as a RuntimeError
+            raise OSError(" ".join(str(error).split()[-8:])) from None
 
 
 # -------------------------------------------------------------------------------------------- landmarks
@@ -343,9 +347,14 @@ def write_landmarks(path, schema: Schema, coords_ras) -> None:
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
+_STAGED: contextvars.ContextVar[list | None] = contextvars.ContextVar("staged_writes", default=None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ""):
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it vanishes."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` (at the end of an enclosing
+    ``written_together`` block, if any), on failure it vanishes. A failed write (a full disk) is a
+    LandmarkError naming the file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -353,13 +362,50 @@ def atomic_path(path: str | Path, suffix: str = ""):
         os.close(fd)
     except OSError as error:
         raise LandmarkError(path.parent, f"cannot write here ({error.strerror or error})") from None
+    staged = _STAGED.get()
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
+            tmp = None
+    except OSError as error:
+        raise LandmarkError(path, f"could not be written ({error.strerror or error})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def written_together():
+    """Files that belong together (landmarks, CSV, uncertainty): every atomic write inside the block lands
+    when the block ends without error, all of them, or none (a full disk half-way leaves nothing)."""
+    staged: list = []
+    token = _STAGED.set(staged)
+    try:
+        yield
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        staged.clear()
+    finally:
+        _STAGED.reset(token)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def remove_if_empty(folder: str | Path) -> None:
+    """Remove ``folder`` and its subfolders if no file is left in them (after a failed run)."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _umask() -> int:

@@ -125,9 +125,11 @@ def check_config(config: ModelConfig) -> None:
         if name not in defaults:
             raise ValueError(f"unknown {config.architecture} option {name!r}")
         values = value if isinstance(value, (list, tuple)) else [value]
+        default = defaults[name][0] if isinstance(defaults[name], (list, tuple)) else defaults[name]
+        minimum = 1 if isinstance(default, int) else 0  # counts (channels, voxels, blocks) are at least 1
         if not 1 <= len(values) <= MAX_OPTION_LENGTH or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and 0 <= v <= MAX_OPTION_VALUE
-                for v in values):
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                and minimum <= v <= MAX_OPTION_VALUE for v in values):
             raise ValueError(f"{config.architecture} option {name} = {value!r}")
 
 

@@ -679,6 +679,8 @@ def read_covariance(path: str | Path, schema: Schema) -> np.ndarray:
 
 def add_planes_command(subparsers) -> argparse.ArgumentParser:
     """Define ``planes`` on an argparse subparsers object; its handler is ``args.handler(args)``."""
+    from .cli import number  # the CLI's bounded-number option type (cli.py builds this parser)
+
     p = subparsers.add_parser("planes", help="mid-sagittal plane, AC-PC frame and scan planes from landmarks",
                               description="Scan-plane prescription and AC-PC alignment from (detected) landmarks.")
     p.add_argument("--landmarks", required=True, help="landmark file (.mrk.json, .fcsv or .csv)")
@@ -687,11 +689,11 @@ def add_planes_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for <plane>.plane.json, planes.json, acpc.tfm, ...")
     p.add_argument("--resample", default=None, metavar="SCAN",
                    help="also write SCAN resampled into AC-PC space (NAME_acpc.nii.gz); its head sizes the FOVs")
-    p.add_argument("--spacing", type=float, default=1.0, help="voxel size (mm) of the AC-PC resampled scan")
+    p.add_argument("--spacing", type=number(float, 0.1, 10), default=1.0, help="voxel size (mm) of the AC-PC resampled scan")
     p.add_argument("--schema", default=None, help="schema name or JSON file (default: the built-in schema whose "
                                                    "landmarks the file holds)")
-    p.add_argument("--samples", type=int, default=1000, help="Monte Carlo samples of the plane uncertainty")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo samples")
+    p.add_argument("--samples", type=number(int, 10, 1_000_000), default=1000, help="Monte Carlo samples of the plane uncertainty")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of the Monte Carlo samples")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(handler=run_planes)
     return p

@@ -3,33 +3,57 @@ mixed precision on CUDA, CSV + TensorBoard logs, and DistributedDataParallel und
 
 Outputs in the output folder:
   model.safetensors       the best model by validation mean radial error (the file to use)
-  checkpoint.safetensors  the state after the last finished epoch (weights, optimizer, RNG): --resume
+  checkpoint.safetensors  the state after the last finished epoch (weights, optimizer, RNG, options): --resume
   log.csv, tensorboard/   one row / scalar set per epoch
   splits.json             which cases went to train, val and test
+  .train.lock             locked while a run uses the folder; a second run there is refused. The lock is the
+                          operating system's (filelock: flock, or msvcrt on Windows), so it ends with its
+                          process: a killed run never leaves the folder locked.
+
+A kill at any moment costs at most the epoch in progress: each epoch writes its log row, then its
+checkpoint (atomically). On --resume, log rows after the checkpoint's epoch (the kill came between the
+two) and temporary files of interrupted writes are removed and TensorBoard is told to drop later steps,
+so the outputs equal an uninterrupted run's.
+
+--resume continues with the options stored in the checkpoint: ``--output DIR --resume`` is enough.
+Options given again must equal the stored ones (checkpoint.FIXED_ON_RESUME), except --epochs,
+--patience, --workers, --no-amp, --device, --progress and the dataset's path; the dataset's contents
+must be unchanged (case names and splits, landmark files, image sizes). Another --epochs re-plans the
+run as if it had been started with it: the cosine schedule is recomputed for the new length (the
+remaining epochs get the rates of a run started with the new --epochs, so the last one still ends at
+lr/100; continuing a finished run therefore raises the rate again, a warm restart), and so is the
+loss's stage weighting; the plateau schedule simply goes on. Resuming a run that has finished prints
+one line saying so and succeeds (exit 0) with the existing best model, so scripts may always pass
+--resume and "demo --train-model --resume" goes on to its calibration step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import io
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_resume, load_checkpoint, read_checkpoint, save_checkpoint
 from .data import LandmarkDataset, discover_cases, split_cases
 from .detect import predict
 from .errors import LandmarkError
-from .fileio import atomic_write_text, check_writable_dir, read_landmarks
+from .fileio import atomic_write_bytes, atomic_write_text, check_writable_dir, read_landmarks
 from .losses import LOSSES
 from .metrics import radial_errors, summarize
-from .modelfile import LandmarkModel, ModelConfig
+from .modelfile import LandmarkModel, ModelConfig, check_config
 from .models import architecture_class
 from .preprocess import InputGeometry
 from .runtime import Progress, pick_device
@@ -37,6 +61,15 @@ from .schema import load_schema
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "model.safetensors"
+LOCK = ".train.lock"
+# highres3dnet keeps the whole input grid in every layer. One training step of its default network
+# (16,32,64 channels, 3 blocks per stage) measured about 130 microseconds per voxel on one CPU core, so
+# above 2 million voxels (about 128^3) a sample takes minutes and an epoch of 100 cases hours; a GPU takes
+# well under a second per sample. (locnet sees a coarse copy and small patches, not the whole grid: the
+# CPU recipe afids-32 is a locnet with a 5-million-voxel grid.)
+CPU_VOXEL_LIMIT = 2_000_000
+
+
 @dataclass
 class TrainOptions:
     dataset: str
@@ -88,11 +121,89 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def train(options: TrainOptions) -> Path:
-    """Train a model; returns the path of the best model."""
-    if options.loss not in LOSSES:
-        raise LandmarkError(None, f"--loss {options.loss}: expected one of {', '.join(LOSSES)}")
-    if options.schedule not in SCHEDULES:
-        raise LandmarkError(None, f"--schedule {options.schedule}: expected one of {', '.join(SCHEDULES)}")
+    """Train a model; returns the path of the best model. With ``options.resume`` every option is as
+    given here (see train_command for the command line, where left-out options come from the checkpoint)."""
+    _check_values(vars(options))
+    with _output_lock(options.output):
+        return _run(options)
+
+
+def train_command(given: dict) -> Path:
+    """The ``train`` command, with the TrainOptions named on its command line (``given``). A new run takes
+    the others from TrainOptions' defaults (channels: the architecture's); --resume takes them from the
+    checkpoint. The folder is locked first, so a busy folder is refused before anything else is said."""
+    _check_values(given)  # before the folder is made; stored values were checked when they were given
+    with _output_lock(given["output"]):
+        return _run(_command_line_options(dict(given)))
+
+
+def _command_line_options(given: dict) -> TrainOptions:
+    fields = TrainOptions.__dataclass_fields__
+    if given.get("resume"):
+        checkpoint = Path(given["output"]) / CHECKPOINT
+        if not checkpoint.is_file():
+            raise LandmarkError(checkpoint, "--resume given but no checkpoint exists in the output folder")
+        stored = read_checkpoint(checkpoint)["options"]
+        given = {**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}, **given}
+        if "dataset" not in given:  # checkpoints written before the options were all stored
+            raise LandmarkError(checkpoint, "this checkpoint does not record its dataset; give --dataset")
+    elif "dataset" not in given:
+        raise LandmarkError(None, "--dataset is required (only --resume takes it from the checkpoint)")
+    if "channels" not in given:
+        architecture = architecture_class(given.get("architecture", TrainOptions.architecture))
+        given["channels"] = architecture.default_options["channels"]
+    return TrainOptions(**given)
+
+
+@contextlib.contextmanager
+def _output_lock(output):
+    """Hold the output folder's lock for the whole run (rank 0 of a torchrun job holds it for all)."""
+    if _distributed()[0] != 0:
+        yield
+        return
+    created = not Path(output).exists()
+    folder = check_writable_dir(output)
+    lock = filelock.FileLock(folder / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise LandmarkError(folder, "is in use by another training run; wait for it to end or choose "
+                                    "another --output") from None
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        lock.release()
+        if created and not succeeded and [p.name for p in folder.iterdir()] == [LOCK]:
+            (folder / LOCK).unlink()  # a run that failed before writing anything leaves no folder behind
+            folder.rmdir()
+
+
+def _check_values(values: dict) -> None:
+    """Refuse impossible option values (those present in ``values``) before anything is written."""
+    if values.get("loss", "mixed") not in LOSSES:
+        raise LandmarkError(None, f"--loss {values['loss']}: expected one of {', '.join(LOSSES)}")
+    if values.get("schedule", "plateau") not in SCHEDULES:
+        raise LandmarkError(None, f"--schedule {values['schedule']}: expected one of {', '.join(SCHEDULES)}")
+    for name in ("epochs", "batch_size", "patience", "samples_per_epoch"):
+        if values.get(name, 1) < 1:
+            raise LandmarkError(None, f"--{name.replace('_', '-')} {values[name]}: expected at least 1")
+    bounds = {"lr": (0, 1), "alpha": (0, 1), "sigma_mm": (0.1, 100), "val_fraction": (0, 0.9),
+              "test_fraction": (0, 0.9), "workers": (0, 64), "dropout": (0, 0.9), "blocks_per_stage": (1, 16)}
+    for name, (low, high) in bounds.items():
+        value = values.get(name, low)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise LandmarkError(None, f"--{name.replace('_', '-')} {value}: expected {low} to {high}")
+    if values.get("val_fraction", 0) + values.get("test_fraction", 0) >= 1:
+        raise LandmarkError(None, "--val-fraction plus --test-fraction must leave cases to train on")
+
+
+def _run(options: TrainOptions) -> Path:
+    try:  # the same bounds a model file is held to: --size, --spacing, --channels, scales, patches
+        check_config(options.model_config())
+    except ValueError as error:
+        raise LandmarkError(None, f"training options: {error}") from None
     rank, local_rank, world = _distributed()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and options.device != "cpu" else "gloo"
@@ -114,6 +225,7 @@ class _Run:
     world: int
     main: bool
     splits: dict
+    fingerprint: str  # of the dataset, stored in every checkpoint
     model: LandmarkModel
     network: torch.nn.Module  # the model's network, or its DistributedDataParallel wrapper
     train_set: object
@@ -131,39 +243,127 @@ class _Run:
 
 
 def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Path:
-    run = _setup(options, rank, local_rank, world)
+    main = rank == 0
+    output = check_writable_dir(options.output)
+    schema = load_schema(options.schema)
+    cases = discover_cases(options.dataset)
+    splits = _split(options, cases, schema)
+    fingerprint = _dataset_fingerprint(cases)
+    checkpoint = output / CHECKPOINT
+    saved = None
+    if options.resume and checkpoint.exists():
+        saved = read_checkpoint(checkpoint)
+        check_resume(checkpoint, saved, options, fingerprint)
+    elif options.resume:
+        raise LandmarkError(checkpoint, "--resume given but no checkpoint exists in the output folder")
+    elif checkpoint.exists():
+        raise LandmarkError(checkpoint, "a previous run is here; pass --resume to continue it or choose another output")
+    if main:
+        _restore_outputs(output, saved["state"]["epoch"] + 1 if saved else 0)
+    if saved is not None and (finished := _already_finished(options, saved["state"])):
+        if main:
+            print(f"{output}: {finished}", file=sys.stderr)
+            _evaluate_test_split(_best_model(output, saved["state"]), splits["test"], pick_device(options.device),
+                                 only_if_missing=True)  # a kill during the last epoch's test evaluation
+        return _best_model(output, saved["state"])
+
+    run = _setup(options, rank, local_rank, world, output, schema, splits, fingerprint)
     for epoch in range(run.state["epoch"] + 1, options.epochs):
-        if run.state["finished"]:
-            break
         started = time.monotonic()
         train_loss = _train_epoch(run, epoch)
         val = _validate(run.model, run.val_set, run.device) if run.main else {}
         _end_epoch(run, epoch, train_loss, val, started)
+        if run.state["finished"]:
+            break
     run.progress.close()
     if run.writer is not None:
         run.writer.close()
-    if run.main and run.splits["test"]:
-        _evaluate_test_split(run.output / BEST_MODEL, run.splits["test"], run.device)
+    best = _best_model(output, run.state)
+    if run.main:
+        _evaluate_test_split(best, run.splits["test"], run.device)
     if world > 1:
         dist.barrier()
-    return run.output / BEST_MODEL
+    return best
 
 
-def _setup(options: TrainOptions, rank: int, local_rank: int, world: int) -> _Run:
+def _split(options: TrainOptions, cases, schema) -> dict:
+    """Train/val/test cases, after checking every annotation (before any training) and that training
+    and validation have landmarks to learn and score."""
+    landmarks = {case.name: read_landmarks(case.landmarks, schema) for case in cases}
+    splits = split_cases(cases, options.val_fraction, options.test_fraction, options.seed)
+    if not splits["train"]:
+        raise LandmarkError(options.dataset, "no training cases after the train/val/test split")
+    for name, chosen in (("training", splits["train"]), ("validation", splits["val"] or splits["train"])):
+        if not any(np.isfinite(landmarks[case.name]).all(axis=1).any() for case in chosen):
+            raise LandmarkError(options.dataset, f"no usable landmark in the {name} cases "
+                                                 f"({', '.join(c.name for c in chosen)}): all are missing or NaN")
+    return splits
+
+
+def _dataset_fingerprint(cases) -> str:
+    """What --resume must find unchanged: case names and splits, the landmark files' contents, and the
+    image files' sizes (hashing every scan of a large dataset would take minutes; a changed compressed
+    scan almost never keeps its size)."""
+    def size(path: Path) -> int:
+        return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+    digest = hashlib.sha256()
+    for case in cases:
+        record = [case.name, case.split, [size(Path(p)) for p in (case.image, *case.extra_images)],
+                  hashlib.sha256(Path(case.landmarks).read_bytes()).hexdigest()]
+        digest.update(json.dumps(record).encode())
+    return digest.hexdigest()
+
+
+def _already_finished(options: TrainOptions, state: dict) -> str | None:
+    """Why a resumed run has nothing left to do under ``options``, or None."""
+    done = state["epoch"] + 1
+    epochs = f"{done} epoch{'' if done == 1 else 's'}"
+    if done >= options.epochs:
+        return f"already finished after {epochs}; raise --epochs to continue"
+    if state["stale_epochs"] >= options.patience:
+        return (f"already stopped early after {epochs} ({state['stale_epochs']} without improvement); "
+                "raise --patience to continue")
+    return None
+
+
+def _best_model(output: Path, state: dict) -> Path:
+    if state["best_epoch"] < 0:  # never a "best model" line about a file that does not exist
+        raise LandmarkError(output, "no epoch gave a finite validation error, so no model was saved; "
+                                    "check that the validation landmarks lie inside the input grid (--size, --spacing)")
+    return output / BEST_MODEL
+
+
+def _restore_outputs(output: Path, epochs: int) -> None:
+    """Make the folder what an uninterrupted run leaves after ``epochs`` epochs: remove temporary files of
+    writes a kill interrupted and the log rows of epochs after the checkpoint's."""
+    for leftover in output.glob(".*.part*"):  # fileio.atomic_path's temporary names
+        leftover.unlink()
+    log = output / "log.csv"
+    if not log.exists():
+        return
+    with log.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for row in reader if None not in row and None not in row.values()
+                and row["epoch"].isdigit() and int(row["epoch"]) <= epochs]
+    if not rows:
+        log.unlink()
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=reader.fieldnames)  # as _append_csv writes them
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(log, text.getvalue().encode("utf-8"))
+
+
+def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output: Path, schema, splits: dict,
+           fingerprint: str) -> _Run:
     """Data, model, optimizer and loop state, restored from the checkpoint with --resume."""
     main = rank == 0
-    output = check_writable_dir(options.output)
     device = pick_device(options.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    schema = load_schema(options.schema)
-    cases = discover_cases(options.dataset)
-    for case in cases:  # fail on bad annotations before any training
-        read_landmarks(case.landmarks, schema)
-    splits = split_cases(cases, options.val_fraction, options.test_fraction, options.seed)
-    if not splits["train"]:
-        raise LandmarkError(options.dataset, "no training cases after the train/val/test split")
 
     if options.synthesis:
         model, train_set, val_set = _synthesis_setup(options, schema, splits)
@@ -177,6 +377,12 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int) -> _Ru
             augmentation = load_policies(options.augment)
         train_set = LandmarkDataset(splits["train"], schema, config.geometry, augmentation, options.seed)
         val_set = LandmarkDataset(splits["val"] or splits["train"], schema, config.geometry)
+    voxels = math.prod(model.config.geometry.size)
+    if main and device.type == "cpu" and options.architecture == "highres3dnet" and voxels > CPU_VOXEL_LIMIT:
+        print(f"warning: an input grid of {'x'.join(map(str, model.config.geometry.size))} voxels "
+              f"({voxels / 1e6:.1f} million per sample) is GPU-sized for highres3dnet: on this CPU expect minutes "
+              "per sample and hours per epoch; on a CPU train the afids-32 recipe (landmark-detection demo "
+              "--train-model WORK) or choose a smaller --size or coarser --spacing", file=sys.stderr)
     model.network.to(device)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=options.seed, drop_last=False)
@@ -194,19 +400,18 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int) -> _Ru
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     state = {"epoch": -1, "best_mre": math.inf, "best_epoch": -1, "stale_epochs": 0, "finished": False}
-    checkpoint = output / CHECKPOINT
-    if options.resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, options, model.network, optimizer, scheduler)
-    elif options.resume:
-        raise LandmarkError(checkpoint, "--resume given but no checkpoint exists in the output folder")
-    elif checkpoint.exists():
-        raise LandmarkError(checkpoint, "a previous run is here; pass --resume to continue it or choose another output")
+    if options.resume:
+        state = load_checkpoint(output / CHECKPOINT, model.network, optimizer, scheduler)
+        state["finished"] = False  # _already_finished said there is more to do under these options
+        _replan_cosine(scheduler, optimizer, options.epochs)
     if main:
         atomic_write_text(output / "splits.json", json.dumps(
             {s: [c.name for c in splits[s]] for s in splits}, indent=2))
-    return _Run(options, output, device, world, main, splits, model, network, train_set, val_set, sampler, loader,
-                optimizer, scheduler, scaler, amp_dtype, use_amp, state, Progress(options.progress, enabled=main),
-                _tensorboard(output / "tensorboard") if main else None)
+    # purge_step: TensorBoard hides what a killed run logged after the checkpoint's epoch
+    writer = _tensorboard(output / "tensorboard", purge_step=state["epoch"] + 2) if main else None
+    return _Run(options, output, device, world, main, splits, fingerprint, model, network, train_set, val_set,
+                sampler, loader, optimizer, scheduler, scaler, amp_dtype, use_amp, state,
+                Progress(options.progress, enabled=main), writer)
 
 
 SCHEDULES = ("plateau", "cosine")
@@ -217,6 +422,17 @@ def _scheduler(optimizer, options: TrainOptions):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, options.epochs),
                                                           eta_min=options.lr / 100)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(2, options.patience // 3))
+
+
+def _replan_cosine(scheduler, optimizer, epochs: int) -> None:
+    """A cosine schedule resumed with another --epochs: from here on, the rates of a run started with
+    that many epochs (closed form; torch's recursive step then continues it exactly)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == epochs:
+        return
+    scheduler.T_max = epochs
+    phase = (1 + math.cos(math.pi * scheduler.last_epoch / epochs)) / 2
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * phase
 
 
 def _train_epoch(run: _Run, epoch: int) -> float:
@@ -274,7 +490,8 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: flo
             if key != "epoch" and value is not None:
                 run.writer.add_scalar(key, value, epoch + 1)
         run.writer.flush()
-    save_checkpoint(run.output / CHECKPOINT, options, run.model.network, run.optimizer, run.scheduler, state)
+    save_checkpoint(run.output / CHECKPOINT, options, run.model.network, run.optimizer, run.scheduler, state,
+                    run.fingerprint)
     run.progress.message(f"epoch {epoch + 1}: loss {train_loss:.4g}, validation MRE {val_mre:.3f} mm"
                          + (" (best)" if improved else ""))
 
@@ -337,12 +554,15 @@ def _validate(model: LandmarkModel, dataset, device) -> dict:
 
 
 
-def _evaluate_test_split(model_path: Path, cases, device) -> None:
-    """Score the best model on the held-out test split and store the result in its metadata."""
+def _evaluate_test_split(model_path: Path, cases, device, only_if_missing: bool = False) -> None:
+    """Score the best model on the held-out test split (if any) and store the result in its metadata."""
     from .detect import detect_image
     from .fileio import read_volume
     from .modelfile import load_model
+    from .modelheader import read_header
 
+    if not cases or (only_if_missing and "test" in read_header(model_path).metrics):
+        return
     model = load_model(model_path, device)
     errors = [radial_errors(detect_image(model, read_volume(c.image), device), read_landmarks(c.landmarks, model.schema))
               for c in cases]
@@ -386,9 +606,9 @@ def _append_csv(path: Path, row: dict) -> None:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
-def _tensorboard(folder: Path):
+def _tensorboard(folder: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # TensorBoard is optional: the CSV log always exists
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)
