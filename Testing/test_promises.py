@@ -195,3 +195,18 @@ def test_training_options_out_of_bounds_are_one_line_before_anything_is_written(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and problem in error, error
     assert not (tmp_path / "run").exists()
+
+
+def test_train_takes_the_schema_the_labels_name(tiny_dataset, tmp_path):
+    """The tiny dataset holds AFIDs (afids-32) files; no --schema is given."""
+    from conftest import TINY_TRAIN
+
+    settings = {k: v for k, v in TINY_TRAIN.items() if k not in ("schema", "progress")}
+    argv = ["train", "--dataset", str(tiny_dataset), "--output", str(tmp_path / "run"), "--epochs", "1",
+            "--progress", "none"]
+    for key, value in settings.items():
+        argv += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    assert main(argv) == 0
+    from LandmarkDetectionLib.modelfile import load_model
+
+    assert load_model(tmp_path / "run" / "model.safetensors").schema.name == "afids-32"

@@ -311,7 +311,7 @@ def test_train_help_shows_the_defaults_a_new_run_uses():
     parser = build_parser()
     train_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     args = parser.parse_args(["train", "--output", "out"])
-    per_invocation = {"dataset", "output", "resume", "device", "progress", "amp", "channels", "help"}
+    per_invocation = {"dataset", "output", "resume", "device", "progress", "amp", "channels", "schema", "help"}
     checked = set()
     for action in train_parser._actions:
         if action.dest in per_invocation:

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV "
                                      "(required, except with --resume)")
     p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
-    p.add_argument("--schema", help="built-in schema name or schema JSON file (default: brain-88)")
+    p.add_argument("--schema", help="built-in schema name or schema JSON file (default: the built-in schema whose "
+                                    "landmarks the first case's file holds)")
     p.add_argument("--architecture", help="network architecture (models/): highres3dnet (the paper's) or locnet "
                                           "(multi-scale) (default: highres3dnet)")
     p.add_argument("--channels", type=_ints,

@@ -57,7 +57,7 @@ from .modelfile import LandmarkModel, ModelConfig, check_config
 from .models import architecture_class
 from .preprocess import InputGeometry
 from .runtime import Progress, pick_device
-from .schema import load_schema
+from .schema import load_schema, schema_of_labels
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "model.safetensors"
@@ -149,6 +149,8 @@ def _command_line_options(given: dict) -> TrainOptions:
             raise LandmarkError(checkpoint, "this checkpoint does not record its dataset; give --dataset")
     elif "dataset" not in given:
         raise LandmarkError(None, "--dataset is required (only --resume takes it from the checkpoint)")
+    elif "schema" not in given:  # the built-in schema the labels name
+        given["schema"] = schema_of_labels(discover_cases(given["dataset"])[0].landmarks).name
     if "channels" not in given:
         architecture = architecture_class(given.get("architecture", TrainOptions.architecture))
         given["channels"] = architecture.default_options["channels"]
