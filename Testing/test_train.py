@@ -323,3 +323,16 @@ def test_train_help_shows_the_defaults_a_new_run_uses():
         assert shown == default, (action.dest, text, default)
         checked.add(action.dest)
     assert checked == set(TrainOptions.__dataclass_fields__) - per_invocation - {"extra_metadata"}
+
+
+def test_init_from_starts_from_a_models_weights_and_refuses_a_different_one(tiny_dataset, tmp_path):
+    first = train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "first"), epochs=1, **TINY_TRAIN))
+    # lr 0: the fine-tuned model's weights are exactly the ones it started from
+    tuned = train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "tuned"), epochs=1, init_from=str(first),
+                               **{**TINY_TRAIN, "lr": 0.0, "seed": 5}))
+    source, result = _weights(first), _weights(tuned)
+    assert source.keys() == result.keys() and all(torch.equal(source[k], result[k]) for k in source)
+    assert load_model(tuned).training["init_from"] == "model.safetensors"
+    with pytest.raises(Exception, match="differs from the run in network options"):
+        train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "other"), epochs=1, init_from=str(first),
+                           **{**TINY_TRAIN, "channels": (4, 4, 4)}))

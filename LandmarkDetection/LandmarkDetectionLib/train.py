@@ -53,7 +53,7 @@ from .errors import LandmarkError
 from .fileio import atomic_write_bytes, atomic_write_text, check_writable_dir, read_landmarks
 from .losses import LOSSES
 from .metrics import radial_errors, summarize
-from .modelfile import LandmarkModel, ModelConfig, check_config
+from .modelfile import LandmarkModel, ModelConfig, check_config, load_model
 from .models import architecture_class
 from .preprocess import InputGeometry
 from .runtime import Progress, pick_device
@@ -102,6 +102,7 @@ class TrainOptions:
     # cases in a reference frame; the model carries the reference and aligns every scan to it first.
     synthesis: str = ""  # "" = off, "default", or a synthesis JSON file
     samples_per_epoch: int = 100  # with synthesis
+    init_from: str = ""  # fine-tune: start from this model's weights (same schema, architecture and options)
     resume: bool = False
     progress: str = "bar"
     extra_metadata: dict = field(default_factory=dict)
@@ -379,6 +380,8 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output
             augmentation = load_policies(options.augment)
         train_set = LandmarkDataset(splits["train"], schema, config.geometry, augmentation, options.seed)
         val_set = LandmarkDataset(splits["val"] or splits["train"], schema, config.geometry)
+    if options.init_from:
+        _init_from(model, options.init_from)
     voxels = math.prod(model.config.geometry.size)
     if main and device.type == "cpu" and options.architecture == "highres3dnet" and voxels > CPU_VOXEL_LIMIT:
         print(f"warning: an input grid of {'x'.join(map(str, model.config.geometry.size))} voxels "
@@ -537,6 +540,25 @@ def _synthesis_setup(options: TrainOptions, schema, splits):
     return model, train_set, val_set
 
 
+def _init_from(model: LandmarkModel, path: str) -> None:
+    """Fine-tuning: the new run starts from another model's weights (corrected cases improve a model).
+    Schema, architecture, network options and input grid must match, and a model that aligns scans first
+    (a synthesis run) fine-tunes only a run that aligns too (to the reference this run builds)."""
+    source = load_model(path)
+    mismatches = [name for name, ours, theirs in (
+        ("schema landmarks", model.schema.names, source.schema.names),
+        ("architecture", model.config.architecture, source.config.architecture),
+        ("network options", model.config.network, source.config.network),
+        ("input size", list(model.config.geometry.size), list(source.config.geometry.size)),
+        ("input spacing", list(model.config.geometry.spacing), list(source.config.geometry.spacing)),
+        ("aligns scans first", model.reference is None, source.reference is None)) if ours != theirs]
+    if mismatches:
+        raise LandmarkError(path, f"--init-from: this model differs from the run in {', '.join(mismatches)}; "
+                                  "train with its options (landmark-detection info shows them)")
+    model.network.load_state_dict(source.network.state_dict())
+    model.config.uncertainty_scale = 1.0  # a fine-tuned model is calibrated again
+
+
 def _validate(model: LandmarkModel, dataset, device) -> dict:
     """Radial errors in mm of the current network on a dataset (eval mode), summarised."""
     was_training = model.network.training
@@ -560,7 +582,6 @@ def _evaluate_test_split(model_path: Path, cases, device, only_if_missing: bool 
     """Score the best model on the held-out test split (if any) and store the result in its metadata."""
     from .detect import detect_image
     from .fileio import read_volume
-    from .modelfile import load_model
     from .modelheader import read_header
 
     if not cases or (only_if_missing and "test" in read_header(model_path).metrics):
@@ -576,7 +597,7 @@ def _training_summary(options: TrainOptions, splits, epoch: int) -> dict:
     # The dataset's name only: a model file must not record local folders (user or patient names).
     summary = {"dataset": Path(options.dataset).name, "cases": {s: len(v) for s, v in splits.items()},
                "epochs_trained": epoch + 1, "loss": options.loss, "alpha": options.alpha, "lr": options.lr,
-               "schedule": options.schedule,
+               "schedule": options.schedule, "init_from": Path(options.init_from).name or None,
                "batch_size": options.batch_size, "seed": options.seed, "augment": options.augment or None,
                "torch": torch.__version__}
     summary.update(options.extra_metadata)
