@@ -191,7 +191,8 @@ def test_landmarks_far_outside_their_image_are_warned_about_once(tmp_path, afids
 ])
 def test_training_options_out_of_bounds_are_one_line_before_anything_is_written(option, value, problem, tmp_path,
                                                                                   capsys):
-    assert main(["train", "--dataset", str(tmp_path), "--output", str(tmp_path / "run"), option, value]) == 2
+    assert main(["train", "--dataset", str(tmp_path), "--output", str(tmp_path / "run"), "--schema", "afids-32",
+                 option, value]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and problem in error, error
     assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import LandmarkError
+from .annotation import add_qa_command
 from .planes import add_planes_command
 
 
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole metadata as one JSON object instead")
 
     add_planes_command(commands)
+    add_qa_command(commands)
     return parser
 
 

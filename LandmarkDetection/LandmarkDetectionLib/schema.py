@@ -86,6 +86,29 @@ class SchemaPlanes:
         return d
 
 
+QA_KEYS = ("planarity_rms_mm", "planarity_max_mm", "plane_angle_deg", "spacing_cv", "duplicate_mm")
+
+
+@dataclass(frozen=True)
+class QaThresholds:
+    """Limits of the annotation QA (annotation.annotation_qa); the defaults live here and only here.
+
+    Each measure has (warn, fail) limits: a value above ``warn`` warns, above ``fail`` fails. A schema's
+    optional top-level ``"qa_thresholds"`` object overrides any of them, e.g.
+    ``{"planarity_rms_mm": [1, 2], "plane_angle_deg": [10, 20], "duplicate_mm": 0.5}``.
+    """
+
+    planarity_rms_mm: tuple[float, float] = (1.0, 2.0)  # RMS distance of a sub-anatomy's points to their plane
+    planarity_max_mm: tuple[float, float] = (2.0, 4.0)  # the farthest point's distance to that plane
+    plane_angle_deg: tuple[float, float] = (10.0, 20.0)  # that plane's tilt from the plane the schema expects
+    spacing_cv: tuple[float, float] = (0.15, 0.30)  # coefficient of variation of secondary-point spacing
+    duplicate_mm: float = 0.5  # two landmarks closer than this are a duplicate (fails)
+
+    def to_dict(self) -> dict:
+        values = {k: getattr(self, k) for k in QA_KEYS}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
 @dataclass(frozen=True)
 class Schema:
     name: str
@@ -94,6 +117,7 @@ class Schema:
     landmarks: tuple[Landmark, ...]
     source: str = ""
     planes: SchemaPlanes | None = None  # the optional "planes" declaration (see SchemaPlanes)
+    qa_thresholds: QaThresholds = field(default_factory=QaThresholds)  # the optional "qa_thresholds"
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
@@ -164,6 +188,8 @@ class Schema:
         }
         if self.planes is not None:
             d["planes"] = self.planes.to_dict()
+        if self.qa_thresholds != QaThresholds():
+            d["qa_thresholds"] = self.qa_thresholds.to_dict()
         return d
 
 
@@ -294,8 +320,31 @@ def _schema_from_dict(data: dict, source: str) -> Schema:
             if keys.setdefault(key, lm.name) != lm.name:
                 fail(f"alias '{key}' is used by both '{keys[key]}' and '{lm.name}'")
     planes = _parse_planes(data["planes"], landmarks, sub_names, fail) if "planes" in data else None
+    qa = _parse_qa_thresholds(data["qa_thresholds"], fail) if "qa_thresholds" in data else QaThresholds()
     return Schema(str(data.get("name") or Path(source).stem), str(data.get("description", "")),
-                  tuple(subs), tuple(landmarks), source, planes)
+                  tuple(subs), tuple(landmarks), source, planes, qa)
+
+
+def _parse_qa_thresholds(raw, fail) -> QaThresholds:
+    """Validate "qa_thresholds": [warn, fail] pairs (0 <= warn <= fail) and a duplicate_mm >= 0."""
+    if not isinstance(raw, dict):
+        fail("'qa_thresholds' must be an object like {\"planarity_rms_mm\": [1, 2], \"duplicate_mm\": 0.5}")
+    unknown = [k for k in raw if k not in QA_KEYS]
+    if unknown:
+        fail(f"'qa_thresholds' has unknown key(s) {', '.join(map(repr, unknown))}; expected {', '.join(QA_KEYS)}")
+    values = {}
+    for key, value in raw.items():
+        if key == "duplicate_mm":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                fail(f"'qa_thresholds' 'duplicate_mm' must be a distance >= 0 mm, got {value!r}")
+            values[key] = float(value)
+            continue
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or not 0 <= value[0] <= value[1] < float("inf")):
+            fail(f"'qa_thresholds' '{key}' must be [warn, fail] with 0 <= warn <= fail, got {value!r}")
+        values[key] = (float(value[0]), float(value[1]))
+    return QaThresholds(**values)
 
 
 def _parse_planes(raw, landmarks, sub_names, fail) -> SchemaPlanes:
