@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from .errors import LandmarkError
+from .agreement import add_agreement_command
 from .annotation import add_qa_command
+from .datasets import add_dataset_command
 from .planes import add_planes_command
 
 
@@ -259,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_planes_command(commands)
     add_qa_command(commands)
+    add_dataset_command(commands)
+    add_agreement_command(commands)
     return parser
 
 

@@ -72,6 +72,8 @@ def discover_cases(source: str | Path, require_landmarks: bool = True) -> list[C
     source = Path(source)
     if not source.exists():
         raise LandmarkError(source, "dataset does not exist")
+    if (source / "dataset.json").is_file() and (source / "manifest.csv").is_file():  # a datasets.py dataset
+        source = source / "manifest.csv"
     cases = _from_manifest(source) if source.is_file() else _from_folder(source, require_landmarks)
     if not cases:
         raise LandmarkError(source, "dataset holds no cases (expected NAME.nii.gz + NAME.mrk.json pairs "
