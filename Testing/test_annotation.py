@@ -428,3 +428,20 @@ def test_qa_command_compares_with_the_scans_mid_sagittal_plane(b88, tmp_path, ca
     msp.write_text(json.dumps({"normal_ras": [0, 0, 0]}))
     assert _qa(["--landmarks", str(landmarks), "--msp", str(msp)]) == 2
     assert "normal_ras" in capsys.readouterr().out
+
+
+def test_model_assisted_record_and_review_order():
+    from LandmarkDetectionLib.annotation import assistance_record, suggestion_order
+    from LandmarkDetectionLib.schema import load_schema
+
+    schema = load_schema("afids-32")
+    suggested = np.arange(96, dtype=float).reshape(32, 3)
+    final = suggested.copy()
+    final[1] += [0.3, 0.0, 0.0]  # kept (under 0.5 mm)
+    final[2] += [3.0, 4.0, 0.0]  # moved 5 mm
+    final[3] = np.nan  # removed by the annotator
+    suggested[4] = np.nan  # placed by hand
+    records = assistance_record(schema, suggested, final)
+    assert [r["action"] for r in records[:6]] == ["accepted", "accepted", "moved", "removed", "added", "accepted"]
+    assert records[2]["moved_mm"] == 5.0 and records[3]["moved_mm"] is None
+    assert suggestion_order(np.array([1.0, np.nan, 7.0, 3.0])).tolist() == [2, 3, 0, 1]

@@ -161,3 +161,34 @@ def test_results_table_is_locked_and_view_rows_map_to_table_rows(mrml_scene, afi
     assert mrml.table_row(table, 0) == 0 and mrml.table_row_landmark(table, mrml.table_row(table, 5)) == "RSLMS"
     (getattr(table, "SetUseColumnTitleAsColumnHeader", None) or table.SetUseColumnNameAsColumnHeader)(False)
     assert mrml.table_row(table, 1) == 0  # the header row of names comes first in the view
+
+
+def test_guided_annotation_nodes_place_in_order_and_a_fix_is_undoable(mrml_scene, afids32):
+    """Points still to place are undefined (Slicer's place mode fills them in schema order), a fix moves
+    only the named landmarks, and restoring the previous positions undoes it; curves give their points."""
+    from LandmarkDetectionLib.mrml import add_landmarks, curve_points, landmarks_from_markups, set_landmark_positions
+
+    coords = np.full((32, 3), np.nan)
+    coords[0] = [1.0, 2.0, 3.0]
+    nodes = add_landmarks(mrml_scene, afids32, coords, locked=False, to_place=True)
+    first = nodes[0]
+    assert first.GetNthControlPointPositionStatus(0) == first.PositionDefined
+    undefined = [node.GetNthControlPointPositionStatus(n) == node.PositionUndefined
+                 for node in nodes for n in range(node.GetNumberOfControlPoints())]
+    assert sum(undefined) == 31
+    placed = np.arange(96, dtype=float).reshape(32, 3)
+    set_landmark_positions(nodes, afids32, placed, range(32))
+    previous = landmarks_from_markups(nodes, afids32)
+    np.testing.assert_allclose(previous, placed)
+    fixed = placed.copy()
+    fixed[[3, 7]] += 2.0
+    set_landmark_positions(nodes, afids32, fixed, [3, 7])
+    np.testing.assert_allclose(landmarks_from_markups(nodes, afids32), fixed)
+    set_landmark_positions(nodes, afids32, previous, [3, 7])  # undo
+    np.testing.assert_allclose(landmarks_from_markups(nodes, afids32), placed)
+
+    curve = mrml_scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "boundary")
+    for point in ([0.0, 0.0, 0.0], [10.0, 5.0, 0.0], [20.0, 0.0, 0.0]):
+        curve.AddControlPoint(*point)
+    points = curve_points(curve)
+    assert len(points) > 3 and np.allclose(points[0], 0.0) and np.allclose(points[-1], [20.0, 0.0, 0.0])

@@ -525,6 +525,30 @@ def annotation_qa(schema: Schema, landmarks: np.ndarray, curves=None, msp_normal
     return QaResult(schema.name, rows, thresholds, distances)
 
 
+# ------------------------------------------------------------------------------ model-assisted annotation
+ACCEPTED_WITHIN_MM = 0.5  # a suggestion moved less than this counts as accepted as it was
+
+
+def suggestion_order(max_semi_axis_mm: np.ndarray) -> np.ndarray:
+    """Schema indices of a model's suggestions to review, most uncertain first (undetermined last)."""
+    values = np.asarray(max_semi_axis_mm, float)
+    return np.argsort(np.where(np.isfinite(values), -values, np.inf), kind="stable")
+
+
+def assistance_record(schema: Schema, suggested: np.ndarray, final: np.ndarray) -> list[dict]:
+    """Per landmark, what the annotator did with a model's suggestion: accepted (moved less than
+    ACCEPTED_WITHIN_MM), moved (by how many mm), removed (marked missing) or added (no suggestion)."""
+    records = []
+    for i, landmark in enumerate(schema.landmarks):
+        had, has = np.isfinite(suggested[i]).all(), np.isfinite(final[i]).all()
+        moved = float(np.linalg.norm(final[i] - suggested[i])) if had and has else None
+        action = ("accepted" if moved < ACCEPTED_WITHIN_MM else "moved") if moved is not None else (
+            "removed" if had else "added" if has else "missing")
+        records.append({"landmark": landmark.name, "sub_anatomy": landmark.sub_anatomy, "action": action,
+                        "moved_mm": None if moved is None else round(moved, 3)})
+    return records
+
+
 # -------------------------------------------------------------------------------------------- the fix
 @dataclass
 class Move:

@@ -77,9 +77,11 @@ def place(scene, node, folder: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ markups
 def add_landmarks(scene, schema: Schema, coords_ras: np.ndarray, folder: int | None = None, prefix: str = "",
-                  locked: bool = True) -> list:
+                  locked: bool = True, to_place: bool = False) -> list:
     """One markups point-list node per sub-anatomy, coloured by it; labels are landmark names, descriptions
-    the sub-anatomy; locked against accidental moves (unlock to correct)."""
+    the sub-anatomy; locked against accidental moves (unlock to correct). A landmark without coordinates
+    is marked missing, or with ``to_place`` left undefined so that Slicer's place mode places the
+    sub-anatomy's points one after the other in schema order (guided annotation)."""
     nodes = []
     for sub in schema.sub_anatomies:
         indices = schema.indices_of(sub.name)
@@ -90,7 +92,10 @@ def add_landmarks(scene, schema: Schema, coords_ras: np.ndarray, folder: int | N
             n = node.AddControlPoint(*(point if np.isfinite(point).all() else (0.0, 0.0, 0.0)), schema.landmarks[i].name)
             node.SetNthControlPointDescription(n, sub.name)
             if not np.isfinite(point).all():
-                node.SetNthControlPointPositionMissing(n)
+                if to_place:
+                    node.UnsetNthControlPointPosition(n)
+                else:
+                    node.SetNthControlPointPositionMissing(n)
         node.SetLocked(locked)
         node.SetDescription(sub.guideline)
         display = node.GetDisplayNode()
@@ -111,6 +116,26 @@ def landmarks_from_markups(nodes, schema: Schema) -> np.ndarray:
             if index is not None and node.GetNthControlPointPositionStatus(n) == node.PositionDefined:
                 node.GetNthControlPointPositionWorld(n, coords[index])
     return coords
+
+
+def set_landmark_positions(nodes, schema: Schema, coords_ras: np.ndarray, indices) -> None:
+    """Move the given landmarks (schema indices) of markups nodes to ``coords_ras[index]``, matched by
+    label: applies an annotation fix, and undoes it with the previous positions."""
+    wanted = set(int(i) for i in indices)
+    for node in nodes:
+        for n in range(node.GetNumberOfControlPoints()):
+            index = schema.lookup(node.GetNthControlPointLabel(n))
+            if index in wanted and np.isfinite(coords_ras[index]).all():
+                node.SetNthControlPointPositionWorld(n, *(float(v) for v in coords_ras[index]))
+
+
+def curve_points(curve_node) -> np.ndarray:
+    """The (N, 3) RAS points of a markups curve as drawn (its interpolated curve, not only the control
+    points): the boundary along which secondary landmarks are spaced."""
+    points = curve_node.GetCurvePointsWorld()
+    if points is None or points.GetNumberOfPoints() == 0:
+        return np.zeros((0, 3))
+    return np.array([points.GetPoint(i) for i in range(points.GetNumberOfPoints())], dtype=float)
 
 
 # --------------------------------------------------------------------------------------------- ellipsoids
