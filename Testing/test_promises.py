@@ -55,8 +55,14 @@ def _subcommands():
 
     from LandmarkDetectionLib.cli import build_parser
 
-    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices
+    def nested(parser, name):  # every (sub)command, e.g. "dataset add"
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child, sub in action.choices.items():
+                    yield from nested(sub, f"{name} {child}".strip())
+
+    return dict(nested(build_parser(), ""))
 
 
 def test_every_option_has_help_and_help_shows_every_default():

@@ -114,7 +114,8 @@ def _add_common(parser, progress=True):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="landmark-detection", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                     help="what to do (each command has its own --help)")
 
     # Options left out are absent from the namespace (SUPPRESS): a new run takes TrainOptions' defaults (shown
     # in the help; Testing/test_train.py checks they agree), --resume the checkpoint's.

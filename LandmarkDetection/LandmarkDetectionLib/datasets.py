@@ -470,7 +470,8 @@ def add_dataset_command(subparsers) -> argparse.ArgumentParser:
                                               "annotators, and a manifest train reads",
                               description="Annotation datasets: scans with versioned landmark annotations by several "
                                           "annotators, and a manifest.csv that train reads directly.")
-    commands = p.add_subparsers(dest="dataset_command", required=True)
+    commands = p.add_subparsers(dest="dataset_command", required=True, metavar="{create,add,list}",
+                                help="create a dataset, add a case or an annotation version, list what it holds")
 
     c = commands.add_parser("create", help="create an empty dataset folder",
                             description="Create an empty dataset: dataset.json and manifest.csv.")

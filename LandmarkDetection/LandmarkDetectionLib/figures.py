@@ -1,10 +1,14 @@
-"""Figures with matplotlib: orthogonal slices in anatomical orientation with landmarks overlaid."""
+"""Figures with matplotlib: orthogonal slices in anatomical orientation with landmarks overlaid.
+
+Slices follow the radiological convention (``CONVENTION``); every slice is labelled with the patient
+directions at its edges, derived from the same axes the slice is resampled along."""
 
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
+from matplotlib import patheffects  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
@@ -12,18 +16,59 @@ import SimpleITK as sitk  # noqa: E402
 from .geometry import LPS_TO_RAS  # noqa: E402
 
 VIEWS = ("axial", "coronal", "sagittal")
+# Picture columns run along u, rows along v (top row first), both RAS unit vectors. Radiological
+# convention: the patient's right (RAS x > 0) on the picture's left, so columns run towards -x (R to L);
+# sagittal columns run from anterior to posterior; rows run from superior (or anterior, axial) down.
+VIEW_AXES = {"axial": ((-1, 0, 0), (0, -1, 0)), "coronal": ((-1, 0, 0), (0, 0, -1)),
+             "sagittal": ((0, -1, 0), (0, 0, -1))}
+CONVENTION = ("radiological convention: the patient's right on the image's left (axial, coronal), "
+              "anterior on the left (sagittal)")
+_DIRECTION_LETTERS = {(0, 1): "R", (0, -1): "L", (1, 1): "A", (1, -1): "P", (2, 1): "S", (2, -1): "I"}
+
+
+def full_name(landmark) -> str:
+    """A landmark's name in words, from its schema entry: its longest alias with the short name
+    ("Anterior commissure (AC)"), or else its name with spaces and its sub-anatomy."""
+    words = [a.strip() for a in landmark.aliases if len(a.strip()) > len(landmark.name)]
+    text = f"{max(words, key=len)} ({landmark.name})" if words else \
+        f"{landmark.name.replace('_', ' ')} ({landmark.sub_anatomy})"
+    return text[:1].upper() + text[1:]
+
+
+def direction_letter(vector) -> str:
+    """R, L, A, P, S or I: the patient direction a RAS vector points to most."""
+    vector = np.asarray(vector, dtype=float)
+    axis = int(np.argmax(np.abs(vector)))
+    return _DIRECTION_LETTERS[(axis, 1 if vector[axis] > 0 else -1)]
+
+
+def orientation_labels(ax, view: str, width_mm: float, fontsize: float = 8) -> None:
+    """The patient direction at the middle of each edge of a slice drawn by ``ras_slab``."""
+    u, v = (np.asarray(a, dtype=float) for a in VIEW_AXES[view])
+    outline = [patheffects.withStroke(linewidth=1.5, foreground="black")]
+    inset = 0.03 * width_mm
+    for (x, y), vector, align in (((inset, width_mm / 2), -u, ("left", "center")),
+                                  ((width_mm - inset, width_mm / 2), u, ("right", "center")),
+                                  ((width_mm / 2, inset), -v, ("center", "top")),
+                                  ((width_mm / 2, width_mm - inset), v, ("center", "bottom"))):
+        ax.text(x, y, direction_letter(vector), color="white", fontsize=fontsize, fontweight="bold",
+                ha=align[0], va=align[1], path_effects=outline)
+
+
+def intensity_window(image: sitk.Image) -> tuple[float, float]:
+    """A display window for a whole scan: its 1st and 99.5th percentiles over non-background voxels."""
+    values = sitk.GetArrayViewFromImage(image).ravel()
+    inside = values[values > values.min()]
+    low, high = np.percentile(inside if inside.size else values, (1, 99.5))
+    return float(low), float(high)
 
 
 def ras_slab(image: sitk.Image, center_ras, view: str, half_width_mm: float = 90.0, pixel_mm: float = 1.0):
-    """A 2D slice through ``center_ras`` in radiological display (axial/coronal: patient right on the
-    left of the picture, superior up; sagittal: anterior on the left), and its extent in RAS mm."""
+    """A 2D slice through ``center_ras`` in radiological display (``VIEW_AXES``), and its frame
+    (centre, u, v, half width) in RAS mm."""
     c = np.asarray(center_ras, dtype=float)
     n = int(2 * half_width_mm / pixel_mm) + 1
-    # Picture columns go along u, rows along v (top row first); both in RAS.
-    # Radiological convention: the patient's right (RAS x > 0) on the picture's left, so columns run
-    # towards -x (R to L); sagittal columns run from anterior to posterior; rows from superior down.
-    axes = {"axial": ((-1, 0, 0), (0, -1, 0)), "coronal": ((-1, 0, 0), (0, 0, -1)), "sagittal": ((0, -1, 0), (0, 0, -1))}
-    u, v = (np.asarray(a, dtype=float) for a in axes[view])
+    u, v = (np.asarray(a, dtype=float) for a in VIEW_AXES[view])
     corner = c - half_width_mm * u - half_width_mm * v
     # Resample onto a one-slice image whose rows and columns run along u and v.
     reference = sitk.Image([n, n, 1], sitk.sitkFloat32)
@@ -56,6 +101,7 @@ def draw_slices(axes_row, image, center_ras, overlays=(), slab_mm=6.0, half_widt
             ax.scatter(x[near], y[near], **style)
         ax.set_xticks([])
         ax.set_yticks([])
+        orientation_labels(ax, view, 2 * half_width_mm)
         if titles:
             ax.set_title(titles.get(view, view), fontsize=8)
 

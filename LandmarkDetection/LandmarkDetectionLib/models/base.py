@@ -35,6 +35,28 @@ class LandmarkNetwork(nn.Module):
         noise where the architecture's noise is a shift; ``start`` as in predict_indices."""
         raise NotImplementedError
 
+    # -- Grad-CAM. A layer's output holds either the whole grid (batch row 0) or, in a stage that works on
+    # patches, one patch per landmark (batch row = landmark index).
     def gradcam_layers(self) -> list[str]:
-        """Layers Grad-CAM can explain: the convolutions whose output reaches the heatmap logits."""
-        return [name for name, module in self.named_modules() if isinstance(module, nn.Conv3d)]
+        """Layers Grad-CAM can explain: the convolutions (and the default layer), all of whose output
+        reaches the heatmap logits of their stage."""
+        return [name for name, module in self.named_modules()
+                if isinstance(module, nn.Conv3d) or name == self.gradcam_layer]
+
+    def gradcam_forward(self, x: torch.Tensor, start: torch.Tensor | None = None):
+        """The forward pass Grad-CAM explains, the path ``predict_indices`` takes (``start`` as there):
+        (the output, the predicted voxel indices (B, K, 3))."""
+        output = self(x)
+        with torch.no_grad():
+            return output, self.predict_indices(x, start)
+
+    def gradcam_logits_of(self, layer: str) -> str:
+        """The module whose output holds the heatmap logits ``layer`` feeds (its own stage's)."""
+        return self.gradcam_logits
+
+    def gradcam_placement(self, layer: str, output) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the heatmap logits of ``layer``'s stage lie in the input grid, given ``gradcam_forward``'s
+        ``output``: the input voxel index (i, j, k) of each landmark's logit voxel 0, (K, 3) or (1, 3) when
+        all landmarks share one grid, and the step (3,) in input voxels from one logit voxel to the next.
+        The default: logits on the input grid itself."""
+        return torch.zeros(1, 3), torch.ones(3)

@@ -47,7 +47,7 @@ class UNetBlock(nn.Module):
 class LocNet(LandmarkNetwork):
     default_options = {"channels": (16, 16, 12), "scales_mm": (4.0, 2.0, 1.0), "patch_sizes": (24, 16)}
     needs_geometry = True
-    gradcam_layer, gradcam_logits = "coarse.decode", "coarse_head"
+    gradcam_logits = "coarse_head"
     uncertainty_method = "finest-crop shifts"
     inference_chunk = 128  # patches per batch at inference
 
@@ -70,6 +70,8 @@ class LocNet(LandmarkNetwork):
         self.refiners = nn.ModuleList(UNetBlock(1, c) for c in channels[1:])
         self.head_weight = nn.ParameterList(nn.Parameter(torch.randn(num_landmarks, c) * 0.1) for c in channels[1:])
         self.head_bias = nn.ParameterList(nn.Parameter(torch.zeros(num_landmarks)) for _ in channels[1:])
+        # Parameter-free taps on each patch stage's heatmap logits, so Grad-CAM can hook them.
+        self.refine_logits = nn.ModuleList(nn.Identity() for _ in channels[1:])
 
     # -- the chain
     def coarse_stage(self, x):
@@ -110,6 +112,7 @@ class LocNet(LandmarkNetwork):
         features = self.refiners[stage - 1](patches).reshape(b, k, -1, size, size, size)
         weight, bias = self.head_weight[stage - 1][landmarks], self.head_bias[stage - 1][landmarks]
         logits = torch.einsum("bkcdhw,kc->bkdhw", features, weight) + bias[None, :, None, None, None]
+        logits = self.refine_logits[stage - 1](logits)
         probs = spatial_softmax(logits)
         offset = (soft_argmax(probs) - (size - 1) / 2) * scale
         return probs, centers_mm + offset
@@ -125,6 +128,54 @@ class LocNet(LandmarkNetwork):
             probs, estimate = self.refine(x, centers, stage)
             stages.append((probs, estimate, centers))
         return stages
+
+    # -- Grad-CAM
+    @property
+    def gradcam_layer(self) -> str:
+        """The finest stage's first decoder convolution, where the patch's fine and coarse features meet.
+        Not the decoder's output: a 1x1x1 head follows that, so its Grad-CAM is only the landmark's logit
+        map less the head's bias, all zero after the ReLU wherever the bias outweighs it."""
+        block = f"refiners.{len(self.refiners) - 1}" if len(self.refiners) else "coarse"
+        return f"{block}.decode.0.0"
+
+    def gradcam_layers(self) -> list[str]:
+        """Every convolution, and each stage's decoder output (the features its heatmap head reads)."""
+        decoders = {"coarse.decode", *(f"refiners.{s}.decode" for s in range(len(self.refiners)))}
+        return [name for name, module in self.named_modules() if isinstance(module, nn.Conv3d) or name in decoders]
+
+    def _stage_of(self, layer: str) -> int:
+        parts = layer.split(".")
+        return int(parts[1]) + 1 if parts[0] == "refiners" else 0
+
+    def gradcam_forward(self, x, start=None):
+        """The chain as ``predict_indices`` runs it (from ``start`` voxel indices where given; the coarse stage
+        runs anyway, so that its layers can be explained), in ``forward``'s output format. Crop centres are
+        detached: a stage's logits depend on its own layers only, and no graph is kept through later stages."""
+        probs, estimate = self.coarse_stage(x)
+        stages = [(probs, estimate, None)]
+        if start is not None:
+            estimate = start.to(x.device, self.spacing.dtype) * self.spacing
+        for stage in range(1, len(self.scales_mm)):
+            centers = estimate.detach()
+            probs, estimate = self.refine(x, centers, stage)
+            stages.append((probs, estimate, centers))
+        return stages, estimate.detach() / self.spacing
+
+    def gradcam_logits_of(self, layer):
+        stage = self._stage_of(layer)
+        return "coarse_head" if stage == 0 else f"refine_logits.{stage - 1}"
+
+    def gradcam_placement(self, layer, stages):
+        stage = self._stage_of(layer)
+        spacing = self.spacing.detach().double().cpu()
+        if stage == 0:  # the coarse grid's corners sit on the input grid's corners
+            step = torch.tensor([(n - 1) / (m - 1) for n, m in zip(self.input_size, self.coarse_size)],
+                                dtype=torch.float64)
+            return torch.zeros(1, 3, dtype=torch.float64), step
+        # A patch: P voxels of the stage's scale centred on the crop centre (as ``crop`` samples it).
+        centers = stages[stage][2][0].detach().double().cpu()  # (K, 3) grid mm
+        step = self.scales_mm[stage] / spacing
+        return centers / spacing - (self.patch_sizes[stage - 1] - 1) / 2 * step, step
 
     # -- training
     def stage_weights(self, progress: float):
