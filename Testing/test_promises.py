@@ -217,3 +217,21 @@ def test_train_takes_the_schema_the_labels_name(tiny_dataset, tmp_path):
     from LandmarkDetectionLib.modelfile import load_model
 
     assert load_model(tmp_path / "run" / "model.safetensors").schema.name == "afids-32"
+
+
+def test_uncertainty_with_other_passes_than_the_calibration_is_warned_about(tmp_path, untrained_model, afids_small,
+                                                                            capsys):
+    from LandmarkDetectionLib.fileio import write_volume
+    from LandmarkDetectionLib.modelfile import load_model
+
+    model = load_model(untrained_model)
+    model.metrics["calibration"] = {"scale": 1.3, "passes": 50, "shift_mm": 5.0}
+    model.save(tmp_path / "calibrated.safetensors")
+    write_volume(afids_small[0], tmp_path / "scan.nii.gz")
+    common = ["detect", "--model", str(tmp_path / "calibrated.safetensors"), "--input", str(tmp_path / "scan.nii.gz"),
+              "--device", "cpu", "--progress", "none"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--uncertainty", "4"]) == 0
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and "passes 4 (calibrated with 50)" in warning and "--uncertainty 50" in warning
+    assert main([*common, "--output", str(tmp_path / "b"), "--uncertainty", "50"]) == 0
+    assert "calibrated" not in capsys.readouterr().err

@@ -301,7 +301,7 @@ def cmd_train(args) -> int:
 
 def cmd_detect(args) -> int:
     from .data import input_volumes, write_bids_description
-    from .detect import detect_many, detection_summary
+    from .detect import calibration_mismatch, detect_many, detection_summary
     from .fileio import check_writable_dir
     from .modelfile import load_model
     from .runtime import Progress, pick_device
@@ -311,6 +311,8 @@ def cmd_detect(args) -> int:
     volumes = input_volumes(args.input, args.bids, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
     output = check_writable_dir(args.output)
     options = _uncertainty_options(args)
+    if (mismatch := calibration_mismatch(model, options)) is not None:
+        print(f"warning: {args.model}: {mismatch}", file=sys.stderr)
     if args.bids:
         write_bids_description(output)
     progress = Progress(args.progress)

@@ -154,6 +154,21 @@ def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path
     return paths
 
 
+def calibration_mismatch(model: LandmarkModel, options: UncertaintyOptions) -> str | None:
+    """A warning when uncertainty is asked with other noise settings than the model's calibration was
+    fitted with (its covariance scale holds for those only), else None."""
+    fitted = model.metrics.get("calibration") or {}
+    if options.passes <= 0 or not fitted.get("passes"):
+        return None
+    asked = {"passes": options.passes, "shift_mm": options.shift_mm}
+    differ = [f"{key} {asked[key]:g} (calibrated with {fitted[key]:g})" for key in asked
+              if key in fitted and float(fitted[key]) != float(asked[key])]
+    if not differ:
+        return None
+    return (f"the uncertainty scale was calibrated for other noise settings: {', '.join(differ)}; the ellipsoids' "
+            f"coverage is only known for those (pass --uncertainty {fitted['passes']})")
+
+
 def detection_summary(model: LandmarkModel, detection: Detection, options: UncertaintyOptions) -> str:
     """One line for people: how many landmarks, how many flagged, and any out-of-distribution warning."""
     text = f"{len(model.schema)} landmarks"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run(argv=None) -> int:
     from LandmarkDetectionLib.data import input_volumes
-    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_many, detection_summary
+    from LandmarkDetectionLib.detect import UncertaintyOptions, calibration_mismatch, detect_many, detection_summary
     from LandmarkDetectionLib.errors import LandmarkError
     from LandmarkDetectionLib.fileio import check_writable_dir
     from LandmarkDetectionLib.modelfile import load_model
@@ -45,6 +45,9 @@ def run(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     options = UncertaintyOptions(passes=args.uncertainty)
+    mismatch = calibration_mismatch(model, options)
+    if mismatch is not None:
+        print(f"warning: {mismatch}", flush=True)
     failed = 0
     started = time.monotonic()
     t0 = time.monotonic()
