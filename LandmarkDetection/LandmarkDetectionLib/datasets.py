@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .digest import file_sha256
 from .errors import LandmarkError
 from .fileio import (
     atomic_path,
@@ -416,7 +416,7 @@ def _read_raw(path: Path) -> sitk.Image:
 
 
 def _check_same_image(given: Path, stored: Path, case: str) -> None:
-    if given.is_file() and _sha256(given) == _sha256(stored):
+    if given.is_file() and file_sha256(given) == file_sha256(stored):
         return
     a, b = read_volume(given), read_volume(stored)
     same = (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
@@ -426,12 +426,6 @@ def _check_same_image(given: Path, stored: Path, case: str) -> None:
         raise LandmarkError(given, f"is not the scan of case '{case}' ({stored.name}); name a new case with --case")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

