@@ -191,7 +191,9 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
                            synthesis="default", samples_per_epoch=3)
     best = train(options)
     model = load_model(best)
-    assert model.reference is not None and model.region is not None and model.prior is None
+    assert model.reference is not None and model.region is not None
+    first = json.loads((tmp_path / "run" / "splits.json").read_text())["train"][0]  # the reference case
+    assert np.allclose(model.prior, read_landmarks(tiny_dataset / f"{first}.mrk.json", model.schema), atol=1e-4)
     assert model.config.geometry.center_ras is not None and all(n % 16 == 0 for n in model.config.geometry.size)
     assert "reference" in read_header(best).metadata
     detection = detect_path(model, tiny_dataset / "case03.nii.gz", "cpu")
@@ -199,6 +201,40 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     assert detection.alignment.similarity > 0.15  # the same template: clearly a head, clearly aligned
     with pytest.raises(Exception, match="changed options: synthesis"):
         train(TrainOptions(**{**options.__dict__, "synthesis": "", "resume": True}))
+
+    # Calibration measures the registration prior: the second moment of the truths' offsets from the prior,
+    # in the reference frame, pooled; detection with uncertainty then fuses the two estimates.
+    from LandmarkDetectionLib.calibrate import calibrate
+    from LandmarkDetectionLib.data import discover_cases
+    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_volume, registration_prior
+    from LandmarkDetectionLib.fileio import read_volume
+    from LandmarkDetectionLib.uncertainty import fuse
+
+    cases = discover_cases(tiny_dataset)[:3]
+    options4 = UncertaintyOptions(passes=4)
+    result = calibrate(model, cases, "cpu", options4)
+    offsets = []
+    for case in cases:
+        alignment = detect_path(model, case.image, "cpu").alignment
+        offsets.append(alignment.to_reference(read_landmarks(case.landmarks, model.schema)) - model.prior)
+    offsets = np.concatenate(offsets)
+    assert np.allclose(model.prior_covariance[7], offsets.T @ offsets / len(offsets), rtol=1e-6)
+    assert result.prior_sd_mm == pytest.approx(np.sqrt(np.mean(offsets ** 2)), rel=1e-4)
+    model.config.uncertainty_scale = 1.0  # a 1-epoch network barely spreads: its fitted scale is not the point here
+    model.save(tmp_path / "calibrated.safetensors")
+    loaded = load_model(tmp_path / "calibrated.safetensors")
+    assert np.allclose(loaded.prior_covariance, model.prior_covariance, rtol=1e-5)
+
+    image = read_volume(cases[0].image)
+    fused = detect_volume(loaded, image, "cpu", "c", options4).uncertainty
+    prior = registration_prior(loaded, fused_alignment := detect_path(loaded, cases[0].image, "cpu").alignment)
+    loaded.prior_covariance = None
+    network = detect_volume(loaded, image, "cpu", "c", options4).uncertainty
+    mean, covariance = fuse(network.mean, network.covariance, *prior)
+    assert np.allclose(fused.mean, mean) and np.allclose(fused.covariance, covariance)
+    assert np.allclose(prior[0], fused_alignment.to_scan(model.prior))
+    # The fused estimate lies between the two and is more certain than either.
+    assert (np.linalg.det(fused.covariance) < np.linalg.det(network.covariance)).all()
 
 
 def test_cosine_schedule_anneals_to_a_hundredth_by_the_last_epoch(tiny_dataset, tmp_path):

@@ -12,7 +12,7 @@ from LandmarkDetectionLib.cli import main
 from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig, load_model
 from LandmarkDetectionLib.preprocess import InputGeometry
 from LandmarkDetectionLib.train import TrainOptions, train
-from LandmarkDetectionLib.uncertainty import ellipsoid, fit_scale, summarize_samples
+from LandmarkDetectionLib.uncertainty import fuse, ellipsoid, fit_scale, summarize_samples
 from conftest import TINY_TRAIN
 
 SIGMA = np.array([[4.0, 1.2, -0.5], [1.2, 2.0, 0.3], [-0.5, 0.3, 1.0]])
@@ -66,17 +66,17 @@ def test_locnet_batched_passes_equal_sequential_passes(afids32):
     assert batched.std(dim=0).mean() > 0  # the shifts do change the answers
 
 
-def test_locnet_started_from_given_positions_runs_only_the_refining_stages(afids32):
-    """Starting from the coarse stage's own estimate reproduces the whole chain; another start changes
-    the answer (the refining stages see other patches), and noise passes start there too."""
-    network = _locnet(afids32).network.eval()
-    x = torch.randn(1, 1, 24, 28, 24)
-    coarse = network.coarse_stage(x)[1] / network.spacing
-    assert torch.allclose(network.predict_indices(x, coarse), network.predict_indices(x), atol=1e-5)
-    moved = coarse + torch.tensor([2.0, -1.0, 1.5])
-    assert not torch.allclose(network.predict_indices(x, moved), network.predict_indices(x), atol=1e-3)
-    zero = torch.zeros(1, 3)
-    assert torch.allclose(network.shifted_indices(x, zero, moved)[0], network.predict_indices(x, moved), atol=1e-5)
+def test_fusion_weighs_two_estimates_by_their_precision():
+    """Known answers: equal covariances give the midpoint and half the covariance; per axis, the more
+    precise estimate wins that axis; identical passes (zero spread) keep the network's answer."""
+    a, b = np.array([[0.0, 0.0, 0.0]]), np.array([[2.0, 4.0, -6.0]])
+    mean, covariance = fuse(a, np.eye(3)[None] * 4, b, np.eye(3)[None] * 4)
+    assert np.allclose(mean, [[1.0, 2.0, -3.0]]) and np.allclose(covariance, np.eye(3) * 2, atol=1e-4)
+    mean, covariance = fuse(a, np.diag([1.0, 9.0, 1.0])[None], b, np.diag([9.0, 1.0, 1.0])[None])
+    assert np.allclose(mean, [[0.2, 3.6, -3.0]], atol=1e-4)
+    assert np.allclose(np.diag(covariance[0]), [0.9, 0.9, 0.5], atol=1e-4)
+    mean, _ = fuse(a, np.zeros((1, 3, 3)), b, np.eye(3)[None] * 25)
+    assert np.allclose(mean, a, atol=1e-4)
 
 
 def test_highres_mc_dropout_equals_explicit_channel_dropout(afids32):

@@ -2,7 +2,10 @@
 and the loop over many volumes that the CLI and Scripts/batch_detect.py share.
 
 A model that carries a reference (align.py) first aligns the scan to it; the network then sees the head
-in the reference frame, and its predictions map back into the scan exactly.
+in the reference frame, and its predictions map back into the scan exactly. With uncertainty, a model
+that also carries its registration prior (where the alignment puts each landmark, and how far real
+anatomy strays from there: ``calibrate``) fuses the two estimates by their precisions (uncertainty.fuse),
+so a landmark the network is unsure of leans on the registration, and one it is sure of does not.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .fileio import (atomic_write_text, check_outputs, landmarks_csv_text, read_
                      written_together)
 from .modelfile import LandmarkModel
 from .preprocess import model_grid, normalize_intensity, resample_to_grid
-from .uncertainty import Uncertainty, summarize_samples, write_uncertainty
+from .uncertainty import Uncertainty, fuse, summarize_samples, write_uncertainty
 
 
 @dataclass
@@ -60,13 +63,9 @@ class ModelInput:
     array: np.ndarray  # (D, H, W) float32, normalised
     grid: object  # geometry.Grid or align.AlignedGrid: ``to_ras(ijk)`` gives scan RAS
     alignment: Alignment | None = None
-    start: np.ndarray | None = None  # (K, 3) voxel indices the network starts from (the reference's landmarks)
 
     def tensor(self, device) -> torch.Tensor:
         return torch.from_numpy(self.array)[None, None].to(device)
-
-    def start_tensor(self, device) -> torch.Tensor | None:
-        return None if self.start is None else torch.from_numpy(self.start).float()[None].to(device)
 
 
 def model_input(model: LandmarkModel, image: sitk.Image) -> ModelInput:
@@ -79,18 +78,15 @@ def model_input(model: LandmarkModel, image: sitk.Image) -> ModelInput:
     alignment = align(image, model.reference, model.region)
     grid = model_grid(None, geometry)
     array = normalize_intensity(resample_to_grid(image, grid, alignment.sitk_transform()), geometry.percentiles)
-    # After alignment the reference's own landmarks are where each landmark is expected: the refining
-    # stages start there (more precise than a coarse stage on a 6 mm grid).
-    start = None if model.prior is None else grid.to_index(model.prior)
-    return ModelInput(array, AlignedGrid(grid, alignment), alignment, start)
+    return ModelInput(array, AlignedGrid(grid, alignment), alignment)
 
 
-def predict(model: LandmarkModel, x: torch.Tensor, device, start: torch.Tensor | None = None) -> torch.Tensor:
+def predict(model: LandmarkModel, x: torch.Tensor, device) -> torch.Tensor:
     """(B, K, 3) voxel indices for an input batch (B, 1, D, H, W), in eval mode (mixed precision on CUDA)."""
     device = torch.device(device)
     model.network.eval()
     with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
-        return model.network.predict_indices(x, start)
+        return model.network.predict_indices(x)
 
 
 def detect_image(model: LandmarkModel, image: sitk.Image, device) -> np.ndarray:
@@ -103,17 +99,30 @@ def sample_passes(model: LandmarkModel, prepared: ModelInput, device, options: U
     generator = torch.Generator().manual_seed(options.seed)
     model.network.eval()
     with torch.inference_mode():
-        indices = model.network.sample_indices(prepared.tensor(device), options.passes, generator, options.shift_mm,
-                                               prepared.start_tensor(device))
+        indices = model.network.sample_indices(prepared.tensor(device), options.passes, generator, options.shift_mm)
     samples = prepared.grid.to_ras(indices[:, 0].double().cpu().numpy())
-    return summarize_samples(samples, options.level, model.config.uncertainty_scale)
+    result = summarize_samples(samples, options.level, model.config.uncertainty_scale)
+    prior = registration_prior(model, prepared.alignment)
+    if prior is None:
+        return result
+    mean, covariance = fuse(result.mean, result.covariance, *prior)
+    return Uncertainty(mean, covariance, options.level, samples)
+
+
+def registration_prior(model: LandmarkModel, alignment: Alignment | None):
+    """Where the alignment alone puts each landmark in the scan, and its covariance there ((K, 3), (K, 3, 3)
+    RAS), for models that carry their prior; else None."""
+    if model.prior_covariance is None or alignment is None:
+        return None
+    linear = alignment.matrix[:3, :3]
+    return alignment.to_scan(model.prior), linear @ model.prior_covariance @ linear.T
 
 
 def detect_volume(model: LandmarkModel, image: sitk.Image, device, name: str,
                   uncertainty: UncertaintyOptions | None = None, source: Path | None = None) -> Detection:
     prepared = model_input(model, image)
     if uncertainty is None or uncertainty.passes <= 0:
-        indices = predict(model, prepared.tensor(device), device, prepared.start_tensor(device))
+        indices = predict(model, prepared.tensor(device), device)
         landmarks = prepared.grid.to_ras(indices[0].float().cpu().numpy().astype(np.float64))
         return Detection(name, landmarks, source, None, prepared.alignment)
     result = sample_passes(model, prepared, device, uncertainty)

@@ -85,7 +85,7 @@ def compute_gradcam(model: LandmarkModel, image: sitk.Image, landmarks: list[int
     layer_module = _check_layer(network, layer)
     landmarks = list(range(len(model.schema))) if landmarks is None else list(dict.fromkeys(landmarks))
     prepared = model_input(model, image)
-    x, start = prepared.tensor(device), prepared.start_tensor(device)
+    x = prepared.tensor(device)
     grid = prepared.grid.grid if prepared.alignment is not None else prepared.grid  # the network's frame
     captured = {"calls": 0}
 
@@ -110,7 +110,7 @@ def compute_gradcam(model: LandmarkModel, image: sitk.Image, landmarks: list[int
         p.requires_grad_(False)
     try:
         with torch.enable_grad():
-            output, indices = network.gradcam_forward(x, start)
+            output, indices = network.gradcam_forward(x)
         if captured["calls"] != 1:
             raise LandmarkError(None, f"--layer {layer}: runs {captured['calls']} times in one forward pass; "
                                       "Grad-CAM needs a layer that runs once")

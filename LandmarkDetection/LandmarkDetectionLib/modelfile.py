@@ -27,6 +27,7 @@ from .preprocess import InputGeometry
 from .schema import Schema, schema_from_dict
 
 REFERENCE_IMAGE, REFERENCE_REGION, REFERENCE_LANDMARKS = "reference/image", "reference/region", "reference/landmarks"
+REFERENCE_COVARIANCE = "reference/landmark_covariance"
 
 
 @dataclass
@@ -59,7 +60,11 @@ class LandmarkModel:
     metrics: dict = field(default_factory=dict)
     reference: sitk.Image | None = None
     region: sitk.Image | None = None
-    prior: np.ndarray | None = None  # (K, 3) the landmarks in the reference frame: where detection starts
+    # The registration prior: after alignment each landmark is expected at ``prior`` (K, 3, the reference
+    # frame's landmarks) with covariance ``prior_covariance`` (K, 3, 3, mm^2, measured by ``calibrate``);
+    # detection with uncertainty fuses it with the network's estimate (uncertainty.fuse).
+    prior: np.ndarray | None = None
+    prior_covariance: np.ndarray | None = None
 
     @classmethod
     def create(cls, config: ModelConfig, schema: Schema, reference: sitk.Image | None = None,
@@ -82,6 +87,8 @@ class LandmarkModel:
             state[REFERENCE_REGION] = torch.from_numpy(sitk.GetArrayFromImage(self.region).astype(np.uint8))
         if self.prior is not None:
             state[REFERENCE_LANDMARKS] = torch.from_numpy(np.asarray(self.prior, np.float32))
+        if self.prior_covariance is not None:
+            state[REFERENCE_COVARIANCE] = torch.from_numpy(np.asarray(self.prior_covariance, np.float32))
         atomic_write_bytes(path, save_tensors(state, metadata=self.metadata()))
 
     def check_schema(self, other: Schema, source: str | Path) -> None:
@@ -154,6 +161,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Landmark
         reference = state.pop(REFERENCE_IMAGE, None)
         region = state.pop(REFERENCE_REGION, None)
         prior = state.pop(REFERENCE_LANDMARKS, None)
+        prior_covariance = state.pop(REFERENCE_COVARIANCE, None)
         model.network.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0]
@@ -171,8 +179,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Landmark
         prior = prior.double().numpy()
         if prior.shape != (len(schema), 3) or not np.isfinite(prior).all() or reference is None:
             raise LandmarkError(path, "model metadata is damaged (reference landmarks do not fit the schema)")
+    if prior_covariance is not None:
+        prior_covariance = prior_covariance.double().numpy()
+        if prior is None or not _covariances(prior_covariance, len(schema)):
+            raise LandmarkError(path, "model metadata is damaged (reference landmark covariance)")
     model.network.to(device).eval()
-    return LandmarkModel(model.network, config, schema, training, metrics, reference, region, prior)
+    return LandmarkModel(model.network, config, schema, training, metrics, reference, region, prior,
+                         prior_covariance)
+
+
+def _covariances(values: np.ndarray, count: int) -> bool:
+    """``count`` finite, symmetric, positive definite 3x3 matrices?"""
+    if values.shape != (count, 3, 3) or not np.isfinite(values).all():
+        return False
+    return bool(np.allclose(values, values.transpose(0, 2, 1), atol=1e-4)
+                and (np.linalg.eigvalsh(values) > 0).all())
 
 
 def _image(array: np.ndarray, grid: dict) -> sitk.Image:

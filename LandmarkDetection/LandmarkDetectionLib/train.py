@@ -504,8 +504,7 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: flo
 def _synthesis_setup(options: TrainOptions, schema, splits):
     """The generalising recipe: the first training case is the reference frame (its 3 mm copy and the
     landmark region go into the model file); every case is aligned to it, split into tissue classes, and
-    drawn from by synth.py. (Starting the refining stages at the reference's landmarks, ``model.prior``,
-    measured worse than the coarse stage on the recipe's calibration scans, so the recipe does not.) Validation: a fixed set of synthetic samples from the validation cases (or,
+    drawn from by synth.py. Validation: a fixed set of synthetic samples from the validation cases (or,
     with one case, from the training case with other seeds)."""
     from .align import align, landmark_region, make_reference
     from .fileio import read_volume
@@ -532,7 +531,9 @@ def _synthesis_setup(options: TrainOptions, schema, splits):
     train_sources = sources(splits["train"])
     val_sources = sources(splits["val"]) if splits["val"] else train_sources
     torch.manual_seed(options.seed)
-    model = LandmarkModel.create(options.model_config(geometry), schema, reference, region)
+    # The reference's landmarks: where the alignment alone puts each landmark (the registration prior,
+    # whose spread ``calibrate`` measures).
+    model = LandmarkModel.create(options.model_config(geometry), schema, reference, region, first_landmarks)
     mirror = schema.mirror_indices()
     train_set = SynthesisDataset(train_sources, geometry, mirror, synthesis, options.seed, options.samples_per_epoch)
     val_set = SynthesisDataset(val_sources, geometry, mirror, synthesis, options.seed + 1_000_003,

@@ -60,6 +60,18 @@ def ellipsoid(covariance: np.ndarray, level: float = 0.9):
     return np.sqrt(chi2.ppf(level, 3) * values), vectors
 
 
+def fuse(mean_a: np.ndarray, covariance_a: np.ndarray, mean_b: np.ndarray, covariance_b: np.ndarray):
+    """The product of two independent Gaussian estimates per landmark ((K, 3), (K, 3, 3) each): means
+    weighted by their precisions, and the covariance of the combination (smaller than either). A spread
+    of zero (identical noise passes) counts as (0.01 mm)^2, so that it can be inverted."""
+    floor = 1e-4 * np.eye(3)
+    precision_a, precision_b = np.linalg.inv(covariance_a + floor), np.linalg.inv(covariance_b + floor)
+    covariance = np.linalg.inv(precision_a + precision_b)
+    mean = np.einsum("kij,kj->ki", covariance, np.einsum("kij,kj->ki", precision_a, mean_a)
+                     + np.einsum("kij,kj->ki", precision_b, mean_b))
+    return mean, (covariance + covariance.transpose(0, 2, 1)) / 2
+
+
 def summarize_samples(samples_ras: np.ndarray, level: float = 0.9, scale: float = 1.0) -> Uncertainty:
     samples = np.asarray(samples_ras, float)
     mean = samples.mean(axis=0)

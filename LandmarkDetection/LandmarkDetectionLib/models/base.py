@@ -23,16 +23,14 @@ class LandmarkNetwork(nn.Module):
         """Training loss of ``forward``'s output against target voxel indices (B, K, 3)."""
         raise NotImplementedError
 
-    def predict_indices(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, K, 3) voxel indices (i, j, k) of the landmarks in the input grid. ``start`` (B, K, 3) voxel
-        indices, where known (the aligned reference's landmarks), is where a coarse-to-fine network begins
-        instead of its coarse stage; architectures without such a chain ignore it."""
+    def predict_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, 3) voxel indices (i, j, k) of the landmarks in the input grid."""
         raise NotImplementedError
 
     def sample_indices(self, x: torch.Tensor, passes: int, generator: torch.Generator,
-                       shift_mm: float, start: torch.Tensor | None = None) -> torch.Tensor:
+                       shift_mm: float) -> torch.Tensor:
         """Test-time noise injection: (passes, B, K, 3) voxel indices; ``shift_mm`` is the size of the
-        noise where the architecture's noise is a shift; ``start`` as in predict_indices."""
+        noise where the architecture's noise is a shift."""
         raise NotImplementedError
 
     # -- Grad-CAM. A layer's output holds either the whole grid (batch row 0) or, in a stage that works on
@@ -43,12 +41,12 @@ class LandmarkNetwork(nn.Module):
         return [name for name, module in self.named_modules()
                 if isinstance(module, nn.Conv3d) or name == self.gradcam_layer]
 
-    def gradcam_forward(self, x: torch.Tensor, start: torch.Tensor | None = None):
-        """The forward pass Grad-CAM explains, the path ``predict_indices`` takes (``start`` as there):
-        (the output, the predicted voxel indices (B, K, 3))."""
+    def gradcam_forward(self, x: torch.Tensor):
+        """The forward pass Grad-CAM explains, the path ``predict_indices`` takes: (the output, the
+        predicted voxel indices (B, K, 3))."""
         output = self(x)
         with torch.no_grad():
-            return output, self.predict_indices(x, start)
+            return output, self.predict_indices(x)
 
     def gradcam_logits_of(self, layer: str) -> str:
         """The module whose output holds the heatmap logits ``layer`` feeds (its own stage's)."""

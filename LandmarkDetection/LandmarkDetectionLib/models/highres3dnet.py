@@ -71,7 +71,7 @@ class HighRes3DNet(LandmarkNetwork):
         return landmark_loss(kind, probs, soft_argmax(probs), target_ijk, mask, spacing_mm, sigma_mm, alpha)
 
     @torch.no_grad()
-    def predict_indices(self, x, start=None, chunk: int = 8):
+    def predict_indices(self, x, chunk: int = 8):
         """Soft-argmax voxel indices (B, K, 3) in (i, j, k) order without holding all K logit volumes:
         the 1x1x1 head is applied ``chunk`` landmarks at a time on the shared features."""
         features = self.features(x)
@@ -85,7 +85,7 @@ class HighRes3DNet(LandmarkNetwork):
 
     @torch.no_grad()
     def sample_indices(self, x, passes: int, generator: torch.Generator | None = None, shift_mm: float = 0.0,
-                       start=None, chunk: int = 8):
+                       chunk: int = 8):
         """Monte Carlo dropout: (N, B, K, 3) indices from ``passes`` dropout masks on the trunk features.
         The trunk runs once; only dropout and the 1x1x1 head (the part that sees the noise) repeat."""
         if self.dropout <= 0:

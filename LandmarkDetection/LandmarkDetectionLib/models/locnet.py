@@ -147,14 +147,11 @@ class LocNet(LandmarkNetwork):
         parts = layer.split(".")
         return int(parts[1]) + 1 if parts[0] == "refiners" else 0
 
-    def gradcam_forward(self, x, start=None):
-        """The chain as ``predict_indices`` runs it (from ``start`` voxel indices where given; the coarse stage
-        runs anyway, so that its layers can be explained), in ``forward``'s output format. Crop centres are
+    def gradcam_forward(self, x):
+        """The chain as ``predict_indices`` runs it, in ``forward``'s output format. Crop centres are
         detached: a stage's logits depend on its own layers only, and no graph is kept through later stages."""
         probs, estimate = self.coarse_stage(x)
         stages = [(probs, estimate, None)]
-        if start is not None:
-            estimate = start.to(x.device, self.spacing.dtype) * self.spacing
         for stage in range(1, len(self.scales_mm)):
             centers = estimate.detach()
             probs, estimate = self.refine(x, centers, stage)
@@ -203,26 +200,21 @@ class LocNet(LandmarkNetwork):
 
     # -- inference
     @torch.no_grad()
-    def predict_indices(self, x, start=None):
-        if start is None:
-            return self.forward(x)[-1][1] / self.spacing
-        estimate = start.to(x.device, self.spacing.dtype) * self.spacing
-        for stage in range(1, len(self.scales_mm)):
-            estimate = self.refine(x, estimate, stage)[1]
-        return estimate / self.spacing
+    def predict_indices(self, x):
+        return self.forward(x)[-1][1] / self.spacing
 
-    def sample_indices(self, x, passes, generator, shift_mm, start=None):
+    def sample_indices(self, x, passes, generator, shift_mm):
         """Test-time noise injection (Ma et al.): each pass shifts the finest crops by a uniform random
         offset of up to ``shift_mm`` per axis."""
         shifts = (torch.rand((passes, 3), generator=generator, dtype=torch.float64) * 2 - 1) * shift_mm
-        return self.shifted_indices(x, shifts.float(), start)
+        return self.shifted_indices(x, shifts.float())
 
     @torch.no_grad()
-    def shifted_indices(self, x, shifts_mm, start=None):
+    def shifted_indices(self, x, shifts_mm):
         """(N, B, K, 3) indices, pass n shifting the finest crops by ``shifts_mm[n]`` ((N, K, 3) or (N, 3)
-        mm). Earlier stages run once (from ``start`` voxel indices instead of the coarse stage, when
-        given); the finest stage runs on all N x K shifted patches, ``inference_chunk`` at a time."""
-        estimate = self.coarse_stage(x)[1] if start is None else start.to(x.device, self.spacing.dtype) * self.spacing
+        mm). Earlier stages run once; the finest stage runs on all N x K shifted patches,
+        ``inference_chunk`` at a time."""
+        estimate = self.coarse_stage(x)[1]
         last = len(self.scales_mm) - 1
         for stage in range(1, last):
             estimate = self.refine(x, estimate, stage)[1]
