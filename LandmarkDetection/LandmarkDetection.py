@@ -21,6 +21,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 SAMPLE_NAME = "MNI152NLin2009cAsym_AFIDs"
+OTHER_MODEL = "Other file..."  # the model list's last item: any model file, chosen by path
 
 
 class LandmarkDetection(ScriptedLoadableModule):
@@ -109,6 +110,7 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._job = None
         self._timer = None
         self._results = None
+        self._models = []  # training.ModelEntry of the model list, in its order (then OTHER_MODEL)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -126,7 +128,11 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.showEllipsoidsCheckBox.connect("toggled(bool)", self.onShowEllipsoids)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onTableClicked)
         self.ui.reformatButton.connect("clicked(bool)", self.onReformat)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.modelsFolderLineEdit.connect("currentPathChanged(QString)", self.onModelsFolderChanged)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.refreshModels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -135,6 +141,7 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.removeObservers()
 
     def enter(self) -> None:
+        self.refreshModels()  # a model trained or installed meanwhile appears
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -172,17 +179,99 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
             self._checkCanDetect()
 
+    # -- the model list: the bundled models, then the models folder's (training.available_models), then
+    # OTHER_MODEL with the path line edit. The parameter node's modelPath is the chosen file ("" for the
+    # default bundled model, so a saved scene does not name this installation's folder).
+    def refreshModels(self) -> None:
+        from LandmarkDetectionAppLib.training import available_models, models_folder
+
+        folder = models_folder(slicer.app.userSettings())
+        self._models = available_models(folder)
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for index, entry in enumerate(self._models):
+            combo.addItem(entry.name if entry.usable else f"{entry.name} (unusable)")
+            combo.setItemData(index, entry.description or f"{entry.path}: {entry.problem}", qt.Qt.ToolTipRole)
+        combo.addItem(OTHER_MODEL)
+        combo.setItemData(len(self._models), "A .safetensors model file anywhere, chosen below.", qt.Qt.ToolTipRole)
+        combo.blockSignals(wasBlocked)
+        wasBlocked = self.ui.modelsFolderLineEdit.blockSignals(True)
+        self.ui.modelsFolderLineEdit.currentPath = str(folder)
+        self.ui.modelsFolderLineEdit.blockSignals(wasBlocked)
+        self._checkCanDetect()
+
+    def onModelsFolderChanged(self, path: str) -> None:
+        """Remember the chosen folder in the user's settings (empty: the default) and list its models."""
+        from LandmarkDetectionAppLib.training import MODELS_FOLDER_KEY
+
+        if path and not Path(path).is_dir():
+            return  # still being typed
+        settings = slicer.app.userSettings()
+        if path:
+            settings.setValue(MODELS_FOLDER_KEY, path)
+        else:
+            settings.remove(MODELS_FOLDER_KEY)
+        self.refreshModels()
+
+    @staticmethod
+    def _modelValue(entry) -> str:
+        from LandmarkDetectionLib.resources import bundled_model_path
+
+        return "" if entry.path.resolve() == bundled_model_path().resolve() else str(entry.path)
+
+    def _modelIndex(self, path: str):
+        """The list index of the model file ``path`` ("" = the default bundled model), or None."""
+        from LandmarkDetectionLib.resources import bundled_model_path
+
+        target = (Path(path) if path else bundled_model_path()).resolve()
+        return next((i for i, entry in enumerate(self._models) if entry.path.resolve() == target), None)
+
+    def onModelChosen(self, index: int) -> None:
+        if not self._parameterNode or index < 0:
+            return
+        other = index == len(self._models)
+        value = self.ui.modelPathLineEdit.currentPath if other else self._modelValue(self._models[index])
+        self.ui.modelPathLineEdit.visible = other
+        if self._parameterNode.modelPath != value:
+            self._parameterNode.modelPath = value
+        else:
+            self._checkCanDetect()
+
     def onModelPathChanged(self, path: str) -> None:
-        if self._parameterNode and self._parameterNode.modelPath != path:
+        otherChosen = self.ui.modelComboBox.currentIndex == len(self._models)
+        if self._parameterNode and otherChosen and self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path
 
+    def _showModel(self) -> None:
+        """Show the parameter node's model: its list item, else OTHER_MODEL with its path."""
+        combo, other = self.ui.modelComboBox, len(self._models)
+        path = self._parameterNode.modelPath
+        if not (combo.currentIndex == other and path == self.ui.modelPathLineEdit.currentPath):
+            index = self._modelIndex(path)
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = other if index is None else index
+            combo.blockSignals(wasBlocked)
+            if index is None:
+                self.ui.modelPathLineEdit.currentPath = path
+        self.ui.modelPathLineEdit.visible = combo.currentIndex == other
+
+    def _modelProblem(self) -> str:
+        """Why the chosen model cannot be used, or ""."""
+        index = self.ui.modelComboBox.currentIndex
+        if 0 <= index < len(self._models):
+            entry = self._models[index]
+            return "" if entry.usable else f"{entry.name}: {entry.problem}"
+        return "" if self.ui.modelPathLineEdit.currentPath else "Choose a model file."
+
     def _checkCanDetect(self, caller=None, event=None) -> None:
-        if self._parameterNode and self.ui.modelPathLineEdit.currentPath != self._parameterNode.modelPath:
-            self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
+        if self._parameterNode:
+            self._showModel()
         running = self._job is not None
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume)
-        self.ui.detectButton.enabled = ready and not running
-        self.ui.detectButton.toolTip = "Detect every landmark of the input volume." if ready else "Select an input volume."
+        problem = "" if self._parameterNode and self._parameterNode.inputVolume else "Select an input volume."
+        problem = problem or self._modelProblem()
+        self.ui.detectButton.enabled = not problem and not running
+        self.ui.detectButton.toolTip = problem or "Detect every landmark of the input volume."
         self.ui.cancelButton.enabled = running
 
     # -- actions

@@ -20,7 +20,7 @@ FORMAT = "LandmarkDetectionLib.checkpoint"
 # --workers, --amp, and the dataset's path when its contents are unchanged (the fingerprint says so).
 FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "scales_mm", "patch_sizes",
                    "size", "spacing", "loss", "alpha", "sigma_mm", "lr", "schedule", "batch_size", "seed", "val_fraction",
-                   "test_fraction", "augment", "synthesis", "samples_per_epoch", "init_from")
+                   "test_fraction", "augment", "synthesis", "samples_per_epoch", "init_from", "recipe")
 # Options of one invocation, never stored: where and how this process runs.
 NOT_STORED = ("output", "resume", "progress", "device")
 

@@ -16,6 +16,7 @@ from .agreement import add_agreement_command
 from .annotation import add_qa_command
 from .datasets import add_dataset_command
 from .planes import add_planes_command
+from .recipes import RECIPES
 
 
 def _triple(kind):
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="folder of NAME.nii.gz + NAME.mrk.json pairs, or a manifest CSV "
                                      "(required, except with --resume)")
     p.add_argument("--output", required=True, help="folder for model.safetensors, checkpoint, logs")
+    p.add_argument("--recipe", choices=tuple(RECIPES),
+                   help="start from a recipe's options (the ones that train the bundled models): it sets the "
+                        "default of every option it names; options given on this command line win (default: none)")
     p.add_argument("--schema", help="built-in schema name or schema JSON file (default: the built-in schema whose "
                                     "landmarks the first case's file holds)")
     p.add_argument("--architecture", help="network architecture (models/): highres3dnet (the paper's) or locnet "

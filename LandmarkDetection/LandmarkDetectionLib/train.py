@@ -15,6 +15,9 @@ checkpoint (atomically). On --resume, log rows after the checkpoint's epoch (the
 two) and temporary files of interrupted writes are removed and TensorBoard is told to drop later steps,
 so the outputs equal an uninterrupted run's.
 
+--recipe NAME gives a new run the options of recipes.RECIPES[NAME] as defaults; options given on the
+command line win, and the recipe's name is recorded in the model. (--resume keeps the stored options.)
+
 --resume continues with the options stored in the checkpoint: ``--output DIR --resume`` is enough.
 Options given again must equal the stored ones (checkpoint.FIXED_ON_RESUME), except --epochs,
 --patience, --workers, --no-amp, --device, --progress and the dataset's path; the dataset's contents
@@ -103,6 +106,7 @@ class TrainOptions:
     synthesis: str = ""  # "" = off, "default", or a synthesis JSON file
     samples_per_epoch: int = 100  # with synthesis
     init_from: str = ""  # fine-tune: start from this model's weights (same schema, architecture and options)
+    recipe: str = ""  # the recipes.RECIPES entry whose options a command-line run took as defaults (recorded)
     resume: bool = False
     progress: str = "bar"
     extra_metadata: dict = field(default_factory=dict)
@@ -133,9 +137,23 @@ def train_command(given: dict) -> Path:
     """The ``train`` command, with the TrainOptions named on its command line (``given``). A new run takes
     the others from TrainOptions' defaults (channels: the architecture's); --resume takes them from the
     checkpoint. The folder is locked first, so a busy folder is refused before anything else is said."""
+    given = _with_recipe(given)
     _check_values(given)  # before the folder is made; stored values were checked when they were given
     with _output_lock(given["output"]):
         return _run(_command_line_options(dict(given)))
+
+
+def _with_recipe(given: dict) -> dict:
+    """A new run's options: those of its --recipe (recipes.RECIPES) under the ones given. A resumed run
+    keeps its stored options."""
+    from .recipes import RECIPES
+
+    name = given.get("recipe")
+    if not name or given.get("resume"):
+        return given
+    if name not in RECIPES:
+        raise LandmarkError(None, f"--recipe {name}: no such recipe; recipes are {', '.join(RECIPES)}")
+    return {**RECIPES[name], **given}
 
 
 def _command_line_options(given: dict) -> TrainOptions:
@@ -601,6 +619,8 @@ def _training_summary(options: TrainOptions, splits, epoch: int) -> dict:
                "schedule": options.schedule, "init_from": Path(options.init_from).name or None,
                "batch_size": options.batch_size, "seed": options.seed, "augment": options.augment or None,
                "torch": torch.__version__}
+    if options.recipe:
+        summary["recipe"] = options.recipe
     summary.update(options.extra_metadata)
     return summary
 
