@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole metadata as one JSON object instead")
 
     add_planes_command(commands)
-    add_qa_command(commands)
+    _add_qa_figure_options(add_qa_command(commands))
     add_dataset_command(commands)
     add_agreement_command(commands)
     return parser
@@ -525,3 +525,52 @@ def cmd_info(args) -> int:
         lines.append(f"intended use: {training['intended_use']}")
     print("\n".join(lines))
     return 0
+
+
+def _add_qa_figure_options(p) -> None:
+    """``qa`` (defined in annotation.py) plus its figures: --figures DIR and the optional --image."""
+    p.add_argument("--figures", default=None, metavar="DIR",
+                   help="also write figures into this folder: per sub-anatomy the image on the plane of its points "
+                        "(points labelled and coloured by distance to the plane, boundary curves, the QA row in the "
+                        "title), qa_NN_<sub-anatomy>.png, and the table of every check, qa_overview.png")
+    p.add_argument("--image", default=None, help="with --figures: the scan the landmarks were placed on (without "
+                                                 "it the figures show the points only)")
+    p.set_defaults(handler=cmd_qa)
+
+
+def cmd_qa(args) -> int:
+    """``qa``: annotation.run_qa (table, CSV, fix), and with --figures the QA figures (figures.py), which
+    land together with the CSV and fix or not at all."""
+    from .annotation import annotation_qa, read_curves, read_msp_normal, run_qa
+    from .figures import qa_figure_paths, write_qa_figures
+    from .fileio import check_outputs, read_landmarks, read_volume, remove_if_empty, written_together
+    from .schema import load_schema, schema_of_labels
+
+    if not args.figures:
+        if args.image:
+            raise LandmarkError(args.image, "--image is only used with --figures DIR")
+        return run_qa(args)
+    folder = Path(args.figures)
+    if folder.exists() and not folder.is_dir():
+        raise LandmarkError(folder, "--figures must be a folder (the PNGs are written into it), not a file")
+    schema = load_schema(args.schema) if args.schema else schema_of_labels(args.landmarks)
+    landmarks = read_landmarks(args.landmarks, schema)
+    curves = read_curves(args.curves, schema)[0] if args.curves else {}
+    msp = read_msp_normal(args.msp) if args.msp else None
+    image = read_volume(args.image) if args.image else None
+    check_outputs(qa_figure_paths(folder, schema).values(), [args.landmarks, args.image], args.overwrite)
+    new_folder = not folder.exists()
+    try:
+        # run_qa's CSV and fix land at the end of its own block, the figures after them at the end of this one
+        with written_together():
+            paths = write_qa_figures(folder, image, schema, landmarks, annotation_qa(schema, landmarks, curves, msp),
+                                     curves, msp, note=f"landmarks: {Path(args.landmarks).name}"
+                                     + (f", image: {Path(args.image).name}" if args.image else ""),
+                                     image_path=args.image)
+            code = run_qa(args)
+    except BaseException:
+        if new_folder:  # a failed run leaves no empty figures folder behind
+            remove_if_empty(folder)
+        raise
+    print(f"figures: {folder} ({len(paths)} PNG files)")
+    return code
