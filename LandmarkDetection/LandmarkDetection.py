@@ -365,10 +365,11 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         from LandmarkDetectionLib.mrml import reformat_slice
 
+        centre = plane.fov_centre if plane.fov_centre is not None else plane.centre
         for name in ("Red", "Yellow", "Green"):
             widget = slicer.app.layoutManager().sliceWidget(name)
-            if widget is not None:
-                reformat_slice(widget.mrmlSliceNode(), plane)
+            if widget is not None:  # as Slicer shows its own views, turned with the head
+                reformat_slice(widget.mrmlSliceNode(), centre, plane.normal, self._results.planes.head_axes)
 
     def onExport(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, "Export landmarks to folder")

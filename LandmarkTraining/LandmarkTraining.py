@@ -362,8 +362,8 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if session is not None:
             for sub in session.schema.sub_anatomies:
                 self.ui.subAnatomyComboBox.addItem(sub.name)
-            for node in session.nodes:
-                self.observe(node)
+            for node in session.nodes + [curve for curves in session.curve_nodes.values() for curve in curves]:
+                self.observe(node)  # points and boundary curves (a loaded version's too)
             self.ui.qaTableView.setMRMLTableNode(session.qa_table)
             self.statusText(self.logic.sessionNote or "")
             self.showSubAnatomy()
@@ -753,25 +753,15 @@ class LandmarkTrainingLogic(ScriptedLoadableModuleLogic):
         coords, semi = read_suggestions(job.output_dir, "scan", session.schema)
         return session.prefill(coords, semi, job.parameters["model"].stem)
 
-    @staticmethod
-    def agreementProcess(command, environment):
-        """The agreement command has no --progress option, which BackendJob adds to every command: it is
-        left out here (a short run that reports when it is done)."""
-        from LandmarkDetectionAppLib.job import TreeProcess
-
-        if command[-2:] == ["--progress", "json"]:
-            command = command[:-2]
-        return TreeProcess(command, environment)
-
     def startAgreement(self, folder: Path, onProgress, onFinished, processFactory=None):
         """Inter-annotator agreement of a dataset into <dataset>/agreement/<time> (``finishAgreement`` loads it)."""
-        from LandmarkDetectionAppLib.job import BackendJob
+        from LandmarkDetectionAppLib.job import BackendJob, TreeProcess
         from LandmarkTrainingLib.store import agreement_arguments, agreement_output
 
         output = agreement_output(folder)
         job = BackendJob(lambda job: agreement_arguments(folder, output), onProgress,
                          lambda outcome: onFinished(job, outcome), {"output": output},
-                         processFactory or self.agreementProcess)
+                         processFactory or TreeProcess)
         job.start()
         return job
 

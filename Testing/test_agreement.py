@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import matplotlib.image
 import numpy as np
@@ -145,3 +146,15 @@ def test_agreement_cli_writes_csvs_and_plots(dataset, tmp_path, capsys, brain88)
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert {p: p.read_bytes() for p in out.iterdir()} == before
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_agreement_reports_its_steps_as_json_lines_for_the_slicer_gui(dataset, tmp_path, capsys):
+    """BackendJob runs every command with --progress json: agreement reports the cases it reads (c1 and c2)
+    and the six files it writes, one JSON object per line, then its summary."""
+    assert cli_main(["agreement", str(dataset), "--output", str(tmp_path / "out"), "--progress", "json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in out if line.startswith("{")]
+    steps = [(r["stage"], r["step"], r["total"]) for r in records]
+    assert steps == [("agreement: reading annotations", k, 2) for k in range(3)] + \
+        [("agreement: writing tables and plots", k, 6) for k in range(7)]
+    assert any("annotators: alice, bob" in line for line in out if not line.startswith("{"))

@@ -13,10 +13,11 @@ import pytest
 
 from LandmarkDetectionLib.annotation import (COLUMNS, CSV_COLUMNS, FAIL, NA, PASS, WARN, Curve, add_qa_command,
                                              annotation_qa, arc_fractions, arc_lengths, closest_on_curve,
-                                             equal_fractions, expected_normal, fix_annotation, plane_angle,
-                                             points_between, project_to_plane, read_curves, resample_polyline)
+                                             equal_fractions, expected_normal, fix_annotation, place_secondaries,
+                                             plane_angle, points_between, project_to_plane, read_curves,
+                                             resample_polyline)
 from LandmarkDetectionLib.errors import LandmarkError
-from LandmarkDetectionLib.fileio import read_landmarks, write_markups_json
+from LandmarkDetectionLib.fileio import read_landmarks, write_curve_json, write_markups_json
 from LandmarkDetectionLib.geometry import rigid_matrix
 from LandmarkDetectionLib.planes import fit_plane, plane_distances
 from LandmarkDetectionLib.schema import QaThresholds, load_schema, schema_from_dict
@@ -239,6 +240,32 @@ def test_each_pair_uses_the_nearest_curve_within_reach(b88):
     assert len([n for n in row.notes if "no drawn curve" in n]) == 4 and all("TL_L" in n for n in row.notes)
 
 
+def test_secondaries_are_placed_along_the_curve_the_qa_measures(b88):
+    """place_secondaries (what the module places) puts each pair's secondaries on the curve nearest both
+    primaries, the one the QA measures: where the clean head has them, so the spacing is exactly equal; a
+    pair no drawn curve reaches gets none, as the QA measures it without a curve."""
+    truth = head(b88)
+    secondary = np.array([lm.role == "secondary" for lm in b88.landmarks])
+    points = np.where(secondary[:, None], np.nan, truth)
+    lobes = [Curve(boundary(b88, "Temporal Lobe", (40, 0)), True), Curve(boundary(b88, "Temporal Lobe", (-40, 0)), True)]
+    targets = place_secondaries(b88, points, {"Temporal Lobe": lobes, "Frontal Lobe": boundary(b88, "Frontal Lobe")})
+    temporal = [i for i in b88.indices_of("Temporal Lobe") if secondary[i]]
+    frontal = [i for i in b88.indices_of("Frontal Lobe") if secondary[i]]
+    assert sorted(targets) == sorted(temporal + frontal) and len(temporal) > 4
+    for i in targets:
+        assert np.linalg.norm(targets[i] - truth[i]) < 0.01  # the 721-point polygon of the circle
+        points[i] = targets[i]
+    assert annotation_qa(b88, points, {"Temporal Lobe": lobes}).row("Temporal Lobe").spacing_cv < 1e-3
+
+    only_right = place_secondaries(b88, points, {"Temporal Lobe": lobes[:1]})
+    assert sorted(only_right) == [i for i in temporal if b88.landmarks[i].between[0].startswith("TL_R")]
+    assert place_secondaries(b88, points, {"Temporal Lobe": lobes}, ["Frontal Lobe"]) == {}
+    missing_pole = points.copy()
+    missing_pole[b88.lookup("TL_R_pole")] = np.nan
+    assert not any(b88.landmarks[i].between[0] == "TL_R_pole" or b88.landmarks[i].between[1] == "TL_R_pole"
+                   for i in place_secondaries(b88, missing_pole, {"Temporal Lobe": lobes}))
+
+
 # ------------------------------------------------------------------------------------------------ fix
 def _messy(b88, seed=3):
     """The clean head with every point pushed off its plane and the secondaries slid along their circle."""
@@ -387,6 +414,22 @@ def test_qa_command_reads_a_folder_of_curves(b88, tmp_path, capsys):
     assert rows["Temporal Lobe"]["spacing_status"] == "pass"
 
 
+@pytest.mark.parametrize("closed", [False, True])
+def test_curve_files_written_for_slicer_are_read_back_exactly(b88, tmp_path, closed):
+    points = boundary(b88, "Eye", n=40)
+    write_curve_json(tmp_path / "eye.mrk.json", np.vstack([points, points[:1]]) if closed else points,
+                     "Eye boundary 1", closed)
+    markup = json.loads((tmp_path / "eye.mrk.json").read_text())["markups"][0]
+    assert markup["type"] == ("ClosedCurve" if closed else "Curve") and markup["coordinateSystem"] == "LPS"
+    assert len(markup["controlPoints"]) == 40  # a closed curve's repeated first point is left out
+    curves, _ = read_curves(tmp_path / "eye.mrk.json", b88)
+    curve = curves["Eye"][0]
+    assert curve.closed == closed and curve.name == "Eye boundary 1" and np.allclose(curve.points, points, atol=1e-12)
+    with pytest.raises(ValueError, match="N >= 2"):
+        write_curve_json(tmp_path / "bad.mrk.json", points[:1], "Eye boundary 2")
+    assert not (tmp_path / "bad.mrk.json").exists()
+
+
 def test_qa_command_bad_input_exits_2_and_writes_nothing(b88, tmp_path, capsys):
     landmarks = tmp_path / "case.mrk.json"
     write_markups_json(landmarks, b88, head(b88))
@@ -431,7 +474,7 @@ def test_qa_command_compares_with_the_scans_mid_sagittal_plane(b88, tmp_path, ca
 
 
 def test_model_assisted_record_and_review_order():
-    from LandmarkDetectionLib.annotation import assistance_record, suggestion_order
+    from LandmarkDetectionLib.annotation import assistance_document, assistance_record, suggestion_order
     from LandmarkDetectionLib.schema import load_schema
 
     schema = load_schema("afids-32")
@@ -444,4 +487,7 @@ def test_model_assisted_record_and_review_order():
     records = assistance_record(schema, suggested, final)
     assert [r["action"] for r in records[:6]] == ["accepted", "accepted", "moved", "removed", "added", "accepted"]
     assert records[2]["moved_mm"] == 5.0 and records[3]["moved_mm"] is None
+    document = assistance_document("tiny", records)
+    assert document["counts"] == {"accepted": 29, "moved": 1, "removed": 1, "added": 1, "missing": 0}
+    assert document["model"] == "tiny" and document["landmarks"] == records
     assert suggestion_order(np.array([1.0, np.nan, 7.0, 3.0])).tolist() == [2, 3, 0, 1]

@@ -180,6 +180,41 @@ def test_progress_json_lines(tiny_model, tiny_dataset, tmp_path, capsys):
     assert {"step", "total", "loss", "metric", "eta"} <= set(records[-1]) or "message" in records[-1]
 
 
+def _commands(parser, path=()):
+    """(command words, parser) of every command and sub-command the parser runs (dataset create, ...)."""
+    import argparse
+
+    nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not nested:
+        yield path, parser
+    for action in nested:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, (*path, name))
+
+
+def test_every_command_accepts_progress_json():
+    """The Slicer modules' BackendJob ends every command line with --progress json: each command of the real
+    parser takes it (its required arguments given placeholder values) and rejects another mode."""
+    from LandmarkDetectionLib.cli import build_parser
+
+    commands = list(_commands(build_parser()))
+    assert {" ".join(path) for path, _ in commands} >= {"train", "detect", "calibrate", "evaluate", "schema", "augment",
+                                                        "demo", "gradcam", "info", "planes", "qa", "dataset create",
+                                                        "dataset add", "dataset list", "agreement"}
+    for path, parser in commands:
+        required = []
+        for action in parser._actions:
+            value = str(action.choices[0] if action.choices else 1) if action.nargs != 0 else None
+            if not action.option_strings and action.nargs not in ("?", "*"):
+                required.append(value)
+            elif action.required:
+                required += [action.option_strings[0], value]
+        args = build_parser().parse_args([*path, *required, "--progress", "json"])
+        assert args.progress == "json", path
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*path, *required, "--progress", "xml"])
+
+
 def test_outputs_never_replace_inputs_or_earlier_outputs(tiny_model, tiny_dataset, tmp_path, capsys):
     """One check for every command: an output that is an input is refused; an existing output needs
     --overwrite; nothing is written when refused."""

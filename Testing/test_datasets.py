@@ -261,3 +261,119 @@ def test_dataset_cli(tmp_path, capsys, user_files):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["dataset", "add", str(folder), "--landmarks", str(alice), "--annotator", "a", "--status", "done"])
     assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------------- the whole annotation
+def corpus_callosum_case(b88):
+    """The synthetic brain-88 head of test_annotation with the corpus callosum's anterior-body secondaries
+    at arc fractions 0.1, 0.4, 0.6, 0.8 of their circle (known spacing CV along it), and its boundary."""
+    from test_annotation import _on_plane, boundary, head
+
+    points = head(b88)
+    for k, f in enumerate((0.1, 0.4, 0.6, 0.8), start=1):
+        points[b88.names.index(f"CC_anterior_body_{k}")] = _on_plane("Corpus Callosum", 0, 0, 30, 90 * f)
+    gaps = np.array([0.5, 1.5, 1, 1, 1])  # arc gaps over their expected fraction gaps
+    return points, boundary(b88, "Corpus Callosum", n=360), float(gaps.std() / gaps.mean())
+
+
+def test_a_version_stores_its_curves_and_assistance_and_gives_them_back(tmp_path, brain88, user_files):
+    from LandmarkDetectionLib.annotation import Curve, annotation_qa, assistance_document
+
+    scan = user_files[0]
+    points, circle, expected_cv = corpus_callosum_case(brain88)
+    curves = {"Corpus Callosum": Curve(circle, closed=True),
+              "Temporal Lobe": [np.array([[0.0, 0, 0], [10, 0, 0]]), np.array([[0.0, 5, 0], [0, 9, 3], [2, 9, 3]])]}
+    assistance = assistance_document("tiny", [{"landmark": "FL_frontal_pole", "action": "moved", "moved_mm": 2.5}])
+    folder = datasets.create_dataset(tmp_path / "ds", "brain-88")
+    entry = datasets.add_case(folder, scan, points, "alice", curves=curves, assistance=assistance)
+    annotator_dir = entry.landmarks.parent
+    assert sorted(p.name for p in (annotator_dir / "v1.curves").iterdir()) == \
+        ["Corpus_Callosum-01.mrk.json", "Temporal_Lobe-01.mrk.json", "Temporal_Lobe-02.mrk.json"]
+    stored = json.loads((annotator_dir / "v1.assistance.json").read_text())
+    assert stored == {**assistance, "annotation": "v1.mrk.json"}
+    record = json.loads((annotator_dir / "versions.json").read_text())["versions"][0]
+    assert (record["curves"], record["assistance"]) == ("v1.curves", "v1.assistance.json")
+
+    loaded = datasets.load_annotation(folder, entry.case, "alice")
+    np.testing.assert_allclose(loaded.landmarks, points, atol=1e-9)
+    assert {sub: len(c) for sub, c in loaded.curves.items()} == {"Corpus Callosum": 1, "Temporal Lobe": 2}
+    cc = loaded.curves["Corpus Callosum"][0]
+    assert cc.closed and np.allclose(cc.points, circle, atol=1e-9) and cc.name == "Corpus Callosum boundary 1"
+    assert np.allclose(loaded.curves["Temporal Lobe"][1].points, curves["Temporal Lobe"][1])
+    assert loaded.assistance == stored and loaded.version.number == 1
+    # the curves feed the QA: the spacing measured along the stored boundary
+    cv = annotation_qa(brain88, loaded.landmarks, loaded.curves).row("Corpus Callosum").spacing_cv
+    assert cv == pytest.approx(expected_cv, abs=2e-3)
+
+    # a version without extras has none; the earlier version's stay as they were
+    before = {p: sha(p) for p in annotator_dir.rglob("*") if p.is_file() and p.name != "versions.json"}
+    second = datasets.save_annotation(folder, entry.case, "alice", points + 1.0)
+    assert second.version == 2 and not (annotator_dir / "v2.curves").exists()
+    assert not (annotator_dir / "v2.assistance.json").exists()
+    newest = datasets.load_annotation(folder, entry.case, "alice")
+    assert (newest.version.number, newest.curves, newest.assistance) == (2, {}, None)
+    assert {p: sha(p) for p in before} == before
+    assert datasets.load_annotation(folder, entry.case, "alice", 1).curves.keys() == loaded.curves.keys()
+    with pytest.raises(LandmarkError, match=r"has no version 7 by 'alice' \(versions: 1, 2\)"):
+        datasets.load_annotation(folder, entry.case, "alice", 7)
+
+
+def test_bad_extras_are_refused_before_anything_is_written(tmp_path, brain88, user_files):
+    scan, alice, _, base = user_files
+    folder = datasets.create_dataset(tmp_path / "ds", "brain-88")
+    entry = datasets.add_case(folder, scan, alice, "alice")
+    annotator_dir = entry.landmarks.parent
+    listing = sorted(p.name for p in folder.rglob("*"))
+    manifest = (folder / "manifest.csv").read_text()
+    for kwargs, message in (({"curves": {"Hippocampus": np.zeros((2, 3))}}, "'Hippocampus' is not a sub-anatomy"),
+                            ({"curves": {"Eye": np.ones((2, 3))}}, "two distinct points"),
+                            ({"curves": {"Eye": np.full((3, 3), np.nan)}}, "finite points"),
+                            ({"assistance": ["not", "an", "object"]}, "must be a JSON object"),
+                            ({"assistance": {"model": object()}}, "not JSON")):
+        with pytest.raises(LandmarkError, match=message):
+            datasets.save_annotation(folder, entry.case, "alice", base, **kwargs)
+        with pytest.raises(LandmarkError, match=message):  # a new case: its scan is not copied in either
+            datasets.add_case(folder, scan, base, "bob", case="c2", **kwargs)
+    assert sorted(p.name for p in folder.rglob("*")) == listing and (folder / "manifest.csv").read_text() == manifest
+
+    # what a save that died half-way may leave (an empty curves folder) is never reused or overwritten
+    (annotator_dir / "v2.curves").mkdir()
+    third = datasets.save_annotation(folder, entry.case, "alice", base, curves={"Eye": np.eye(3)})
+    assert third.version == 3 and list((annotator_dir / "v2.curves").iterdir()) == []
+    assert [v.number for v in datasets.list_versions(folder, entry.case, "alice")] == [1, 3]
+
+
+def test_qa_of_a_dataset_version_measures_along_its_stored_curves(tmp_path, capsys, brain88, user_files):
+    """``dataset add --curves`` stores the boundaries; ``qa`` on that version's file uses them without being
+    told (and says so), --curves still wins; ``dataset list`` shows which versions have them."""
+    from LandmarkDetectionLib.fileio import write_curve_json
+
+    scan = user_files[0]
+    points, circle, expected_cv = corpus_callosum_case(brain88)
+    landmarks, curve_file = tmp_path / "cc.mrk.json", tmp_path / "cc_curve.mrk.json"
+    write_markups_json(landmarks, brain88, points)
+    write_curve_json(curve_file, circle, "Corpus Callosum boundary", closed=True)
+    folder = tmp_path / "ds"
+    assert cli_main(["dataset", "create", str(folder), "--schema", "brain-88"]) == 0
+    assert cli_main(["dataset", "add", str(folder), "--image", str(scan), "--landmarks", str(landmarks),
+                     "--annotator", "alice", "--case", "c1", "--curves", str(curve_file)]) == 0
+    assert cli_main(["dataset", "list", str(folder)]) == 0
+    assert "+curves" in capsys.readouterr().out
+    version = folder / "annotations" / "c1" / "alice" / "v1.mrk.json"
+    assert datasets.version_curves(version) == version.parent / "v1.curves"
+    assert datasets.version_curves(landmarks) is None
+
+    def spacing_cv(*extra):
+        output = tmp_path / f"qa{len(list(tmp_path.glob('qa*.csv')))}.csv"
+        cli_main(["qa", "--landmarks", str(version), "--output", str(output), *extra])
+        rows = {r["sub_anatomy"]: r for r in csv.DictReader(output.open(encoding="utf-8"))}
+        return float(rows["Corpus Callosum"]["spacing_cv"])
+
+    assert spacing_cv() == pytest.approx(expected_cv, abs=2e-3)
+    assert "boundary curves stored with this version: " in capsys.readouterr().out
+    straight = tmp_path / "straight.mrk.json"  # another boundary given explicitly: the straight chain of points
+    write_curve_json(straight, points[[brain88.lookup(n) for n in ("CC_genu", "CC_anterior_body_1", "CC_anterior_body_2",
+                                                                   "CC_anterior_body_3", "CC_anterior_body_4",
+                                                                   "CC_mid_body")]], "Corpus Callosum line")
+    chords = np.sin(np.radians([9, 27, 18, 18, 18]) / 2)  # genu (0 deg), 9, 36, 54, 72, mid-body (90 deg)
+    assert spacing_cv("--curves", str(straight)) == pytest.approx(chords.std() / chords.mean(), abs=1e-3)

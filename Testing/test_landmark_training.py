@@ -6,21 +6,23 @@ back, and the agreement outputs as tables. Known answers come from synthetic geo
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from conftest import REPO
 from LandmarkDetectionLib import datasets
 from LandmarkDetectionLib.annotation import COLUMNS, arc_fractions, plane_angle
 from LandmarkDetectionLib.errors import LandmarkError
 from LandmarkDetectionLib.fileio import read_landmarks, write_markups_json
-from LandmarkDetectionLib.geometry import centered_grid, rigid_matrix
+from LandmarkDetectionLib.geometry import rigid_matrix
 from LandmarkDetectionLib.uncertainty import Uncertainty, write_uncertainty
+from test_planes import head_image  # a head mirror-symmetric about a known plane
 
 pytest.importorskip("slicer")
 sys.path.insert(0, str(REPO / "LandmarkTraining"))  # the module's Qt-free logic, as Slicer would find it
@@ -30,28 +32,6 @@ from LandmarkTrainingLib.session import SUB_ANATOMY_ATTRIBUTE, AnnotationSession
 
 X, Y, Z = np.eye(3)
 FL = ["FL_frontal_pole", "FL_right_lateral", "FL_left_lateral", "FL_right_anterolateral", "FL_left_anterolateral"]
-
-
-def head_image(turn_deg=(0.0, -6.0, 12.0), shift=(4.0, -3.0, 2.0)):
-    """A head-like volume (4 mm voxels) mirror-symmetric about a known plane: the head frame's x = 0 turned
-    by ``turn_deg`` (about R, A, S) and moved by ``shift``. Returns (image, plane centre, plane normal)."""
-    rotation = rigid_matrix(turn_deg, (0, 0, 0))[:3, :3]
-    grid = centered_grid(np.zeros(3), (48, 56, 48), (4.0, 4.0, 4.0))
-    k, j, i = np.meshgrid(*(np.arange(n) for n in grid.size[::-1]), indexing="ij")
-    ras = grid.to_ras(np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float))
-    x, y, z = ((ras - shift) @ rotation).T  # head-frame coordinates
-
-    def blob(cx, cy, cz, radius, height):
-        return height * np.exp(-((np.abs(x) - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * radius ** 2))
-
-    inside = (x / 70) ** 2 + (y / 85) ** 2 + (z / 65) ** 2
-    values = 100 / (1 + np.exp((inside - 1) * 20)) + blob(30, 25, 10, 8, 80) + blob(20, -30, -15, 10, -40) \
-        + blob(0, -50, 20, 6, 60) + blob(0, 40, -20, 9, 50)  # |x|: mirror-symmetric; nothing is in y or z
-    image = sitk.GetImageFromArray(values.reshape(grid.size[::-1]).astype(np.float32))
-    image.SetSpacing(grid.spacing)
-    image.SetOrigin(grid.origin)
-    image.SetDirection(grid.direction)
-    return image, np.asarray(shift, float), rotation @ X
 
 
 @pytest.fixture
@@ -180,18 +160,6 @@ def test_placed_primaries_are_projected_onto_their_plane(mrml_scene, brain88, vo
 
 def slicer_matrix(vtk_matrix) -> np.ndarray:
     return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def test_slice_views_follow_slicer_presets_turned_with_the_head():
-    """Sagittal P, S, L; coronal L, S, A; axial L, A, S (vtkMRMLSliceNode's presets); a turned head turns them."""
-    from LandmarkTrainingLib.session import slice_frame
-
-    assert np.allclose(slice_frame(X, np.eye(3)), np.stack([-Y, Z, -X], axis=1))
-    assert np.allclose(slice_frame(-Y, np.eye(3)), np.stack([-X, Z, Y], axis=1))
-    assert np.allclose(slice_frame(Z, np.eye(3)), np.stack([-X, Y, Z], axis=1))
-    turn = rigid_matrix((5, -8, 20), (0, 0, 0))[:3, :3]
-    head = turn.T  # rows: the head's right, anterior, superior
-    assert np.allclose(slice_frame(turn @ Z, head), turn @ np.stack([-X, Y, Z], axis=1))
 
 
 def test_points_of_a_loaded_annotation_are_never_moved(mrml_scene, brain88, volume):
@@ -371,6 +339,39 @@ def test_saving_twice_makes_two_versions_and_loading_back(mrml_scene, session, b
         store.load_case(mrml_scene, folder, "scan", "alice", version=7)
 
 
+def test_a_saved_version_keeps_its_boundary_curve_and_loads_with_it(mrml_scene, session, tmp_path, capsys):
+    """The whole annotation is saved: the curve the secondaries were spaced along comes back with the version,
+    exactly, so the QA of the loaded version (in the module, and ``qa`` on the version file) is the QA it was
+    saved with; loading moves no point, and the loaded curve places secondaries again."""
+    from LandmarkDetectionLib.cli import main
+
+    folder = datasets.create_dataset(tmp_path / "dataset", "brain-88")
+    place_frontal_primaries(session)
+    frontal_curve(session)
+    place(session, FL[3], (48, 66, 30))  # the annotator moves one secondary off its equal spacing
+    session.update()
+    qa = session.qa().row("Frontal Lobe")
+    assert qa.spacing_cv > 0.01
+    saved = store.save_session(session, folder, "alice")
+    assert [p.name for p in saved.version.curves.iterdir()] == ["Frontal_Lobe-01.mrk.json"]
+
+    loaded = store.load_case(mrml_scene, folder, "scan", "alice")
+    (node,) = loaded.curves_of("Frontal Lobe")
+    assert node.GetAttribute(SUB_ANATOMY_ATTRIBUTE) == "Frontal Lobe" and node.GetName() == "scan alice v1 Frontal Lobe boundary 1"
+    assert np.allclose(mrml.curve_points(node), mrml.curve_points(session.curves_of("Frontal Lobe")[0]), atol=1e-9)
+    report = loaded.update()
+    assert (report.projected, report.placed) == ([], [])
+    assert np.allclose(loaded.coordinates(), session.coordinates(), atol=1e-6, equal_nan=True)
+    assert loaded.qa().row("Frontal Lobe").spacing_cv == pytest.approx(qa.spacing_cv, abs=1e-6)
+    assert main(["qa", "--landmarks", str(saved.entry.landmarks), "--output", str(tmp_path / "qa.csv")]) == 0
+    assert "boundary curves stored with this version" in capsys.readouterr().out
+    row = next(r for r in csv.DictReader((tmp_path / "qa.csv").open(encoding="utf-8")) if r["sub_anatomy"] == "Frontal Lobe")
+    assert float(row["spacing_cv"]) == pytest.approx(qa.spacing_cv, abs=1e-4)
+
+    edit = loaded.place_secondaries("Frontal Lobe")  # the loaded curve serves as the drawn one did
+    assert [m.landmark for m in edit.moves] == [FL[3]] and np.allclose(position(loaded, FL[3]), (50, 70, 30))
+
+
 def test_saving_refuses_another_scheme_or_another_scan(mrml_scene, session, tmp_path):
     other = datasets.create_dataset(tmp_path / "afids", "afids-32")
     with pytest.raises(LandmarkError, match="follow schema 'afids-32'; this session annotates schema 'brain-88'"):
@@ -385,7 +386,10 @@ def test_saving_refuses_another_scheme_or_another_scan(mrml_scene, session, tmp_
 
 
 def test_agreement_outputs_load_as_table_nodes(mrml_scene, session, brain88, tmp_path):
-    from LandmarkDetectionLib.cli import main
+    """The agreement runs as the module runs it: a BackendJob (which adds --progress json) in a separate process,
+    whose steps arrive as progress records; its outputs load as table nodes."""
+    sys.path.insert(0, str(REPO / "LandmarkDetection"))
+    from LandmarkDetectionAppLib.job import BackendJob
 
     folder = datasets.create_dataset(tmp_path / "dataset", "brain-88")
     place_frontal_primaries(session)
@@ -395,7 +399,15 @@ def test_agreement_outputs_load_as_table_nodes(mrml_scene, session, brain88, tmp
     store.save_session(session, folder, "bob")
     output = store.agreement_output(folder)
     assert output.parent == folder / "agreement"
-    assert main(store.agreement_arguments(folder, output)) == 0  # what the module's job runs
+    records, outcomes = [], []
+    job = BackendJob(lambda job: store.agreement_arguments(folder, output), records.append, outcomes.append)
+    job.start()
+    deadline = time.monotonic() + 300
+    while not job.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert len(outcomes) == 1 and outcomes[0].ok, outcomes or "the agreement job did not finish"
+    assert records[-1] == {**records[-1], "stage": "agreement: writing tables and plots", "step": 6, "total": 6}
     results = store.load_agreement(mrml_scene, output)
     assert set(results.tables) == {"agreement.csv", "planarity.csv", "agreement_summary.csv"}
     assert len(results.figures) == 3 and all(path.suffix == ".png" for path in results.figures)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LandmarkDetectionLib.geometry import Grid
+from LandmarkDetectionLib.geometry import Grid, rigid_matrix
 from LandmarkDetectionLib.uncertainty import summarize_samples
 from conftest import make_volume
 
@@ -144,14 +144,55 @@ def test_acpc_transform_node_maps_ac_to_the_origin(mrml_scene, acpc_planes):
     assert (matrix @ pc)[1] < 0 and abs((matrix @ pc)[0]) < 1e-6  # PC lies behind AC on the midline
 
 
-def test_slice_view_reformats_onto_a_plane(mrml_scene, acpc_planes):
-    planes, _ = acpc_planes
-    plane = planes.planes["mid-sagittal"]
+def _slicer_preset(name: str) -> np.ndarray:
+    """Slicer's own slice-to-RAS orientation of a preset view (patient right on the screen's left)."""
+    import vtk
+
+    matrix = vtk.vtkMatrix3x3()
+    getattr(slicer.vtkMRMLSliceNode, f"Get{name}SliceToRASMatrix")(matrix, True)
+    return np.array([[matrix.GetElement(r, c) for c in range(3)] for r in range(3)])
+
+
+@pytest.mark.parametrize("name, normal", [("Axial", (0, 0, 1)), ("Sagittal", (1, 0, 0)), ("Coronal", (0, 1, 0))])
+def test_reformatted_scanner_planes_are_slicers_own_views(mrml_scene, name, normal):
+    """Reformatting onto a scanner plane gives exactly Slicer's preset, whichever sign the normal has, and Slicer
+    names the view after it."""
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(mrml_scene)
     slice_node = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode")
-    mrml.reformat_slice(slice_node, plane)
+    for sign in (1, -1):
+        frame = mrml.reformat_slice(slice_node, (10.0, -20.0, 30.0), sign * np.array(normal, float))
+        slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
+        assert np.array_equal(frame, _slicer_preset(name)) and np.array_equal(slice_to_ras[:3, :3], frame)
+        assert np.array_equal(slice_to_ras[:3, 3], [10.0, -20.0, 30.0]) and slice_node.GetOrientation() == name
+
+
+def test_slice_views_turn_with_the_head():
+    """A turned head's planes are shown as Slicer shows the presets, turned with it."""
+    turn = rigid_matrix((5, -8, 20), (0, 0, 0))[:3, :3]
+    head = turn.T  # rows: the head's right, anterior and superior
+    for name, axis in (("Sagittal", 0), ("Coronal", 1), ("Axial", 2)):
+        assert np.allclose(mrml.slice_frame(turn[:, axis], head), turn @ _slicer_preset(name))
+        assert np.allclose(mrml.slice_frame(-turn[:, axis], head), turn @ _slicer_preset(name))
+
+
+def test_slice_view_reformats_onto_a_plane_of_detected_landmarks(mrml_scene, acpc_planes):
+    """As Landmark Detection's Reformat does it: the mid-sagittal plane shown as a sagittal view (the face to
+    the left, superior up), the AC-PC axial plane as an axial view (the patient's right on the left, anterior
+    up), both turned with the head and centred on the plane's field of view."""
+    planes, _ = acpc_planes
+    right, anterior, superior = planes.head_axes
+    slice_node = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    msp = planes.planes["mid-sagittal"]
+    mrml.reformat_slice(slice_node, msp.fov_centre, msp.normal, planes.head_axes)
     slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
-    assert np.allclose(slice_to_ras[:3, 2], plane.normal, atol=1e-6)  # the view looks along the normal
-    assert abs(plane.distances(slice_to_ras[:3, 3][None])[0]) < 1e-6  # and its centre lies on the plane
+    assert np.allclose(slice_to_ras[:3, 2], -msp.normal)  # looking along the normal, from the left as Slicer does
+    assert slice_to_ras[:3, 0] @ -anterior > 0.999 and slice_to_ras[:3, 1] @ superior > 0.999
+    assert np.allclose(slice_to_ras[:3, 3], msp.fov_centre) and abs(msp.distances(slice_to_ras[:3, 3][None])[0]) < 1e-6
+    axial = planes.planes["acpc-axial"]
+    mrml.reformat_slice(slice_node, axial.centre, axial.normal, planes.head_axes)
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
+    assert np.allclose(slice_to_ras[:3, :3], np.stack([-right, anterior, superior], axis=1))
+    assert np.allclose(slice_to_ras[:3, 3], planes.acpc.ac)
 
 
 def test_results_table_is_locked_and_view_rows_map_to_table_rows(mrml_scene, afids32):
@@ -192,3 +233,18 @@ def test_guided_annotation_nodes_place_in_order_and_a_fix_is_undoable(mrml_scene
         curve.AddControlPoint(*point)
     points = curve_points(curve)
     assert len(points) > 3 and np.allclose(points[0], 0.0) and np.allclose(points[-1], [20.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("node_class", ["vtkMRMLMarkupsCurveNode", "vtkMRMLMarkupsClosedCurveNode"])
+def test_a_saved_boundary_comes_back_as_exactly_its_polyline(mrml_scene, node_class):
+    """set_curve_points is curve_points' inverse: a saved (dense) boundary loaded into a curve node gives the
+    same points back, so the QA of a loaded version measures the curve it was saved with (a closed curve
+    ends back at its first point)."""
+    from LandmarkDetectionLib.mrml import curve_points, set_curve_points
+
+    points = np.array([[0.0, 0.0, 0.0], [10.0, 5.0, 0.0], [20.0, 0.0, 1.0], [30.0, 10.0, 2.0], [31.0, 25.0, 2.0]])
+    node = mrml_scene.AddNewNodeByClass(node_class)
+    set_curve_points(node, points)
+    closed = node_class.endswith("ClosedCurveNode")
+    assert node.GetNumberOfControlPoints() == len(points)
+    assert np.allclose(curve_points(node), np.vstack([points, points[:1]]) if closed else points)

@@ -1,19 +1,22 @@
-"""Scan planes and AC-PC alignment (LandmarkDetectionLib.planes) on synthetic heads with exact answers."""
+"""Scan planes and AC-PC alignment (LandmarkDetectionLib.planes) on synthetic heads with exact answers, and
+the mid-sagittal plane from a scan's symmetry on a synthetic head that is mirror-symmetric about a known plane."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from LandmarkDetectionLib.errors import LandmarkError
-from LandmarkDetectionLib.geometry import LPS_TO_RAS, Grid, apply_matrix, rigid_matrix
-from LandmarkDetectionLib.fileio import write_markups_json
-from LandmarkDetectionLib.planes import (add_planes_command, compute_planes, fit_plane, fit_plane_robust, mirror_pairs,
-                                         orient_right, resample_acpc, write_planes)
+from LandmarkDetectionLib.geometry import LPS_TO_RAS, Grid, apply_matrix, centered_grid, rigid_matrix
+from LandmarkDetectionLib.fileio import write_markups_json, write_volume
+from LandmarkDetectionLib.planes import (add_planes_command, compute_planes, fit_plane, fit_plane_robust,
+                                         head_points_from_image, mirror_pairs, orient_right, resample_acpc,
+                                         symmetry_plane, write_planes)
 from LandmarkDetectionLib.resources import resources_dir
 from LandmarkDetectionLib.schema import SchemaPlanes, load_schema, schema_from_dict
 
@@ -56,6 +59,29 @@ def brain88_head(schema, matrix=None):
 
 def angle_deg(a, b):
     return np.degrees(np.arccos(np.clip(abs(np.dot(a, b)) / np.linalg.norm(a) / np.linalg.norm(b), -1, 1)))
+
+
+def head_image(turn_deg=(0.0, -6.0, 12.0), shift=(4.0, -3.0, 2.0)):
+    """A head-like volume (4 mm voxels) mirror-symmetric about a known plane: the head frame's x = 0 turned
+    by ``turn_deg`` (about R, A, S) and moved by ``shift`` (head frame -> RAS: rigid_matrix(turn_deg, shift)).
+    Returns (image, plane centre, plane normal)."""
+    rotation = rigid_matrix(turn_deg, (0, 0, 0))[:3, :3]
+    grid = centered_grid(np.zeros(3), (48, 56, 48), (4.0, 4.0, 4.0))
+    k, j, i = np.meshgrid(*(np.arange(n) for n in grid.size[::-1]), indexing="ij")
+    ras = grid.to_ras(np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float))
+    x, y, z = ((ras - shift) @ rotation).T  # head-frame coordinates
+
+    def blob(cx, cy, cz, radius, height):
+        return height * np.exp(-((np.abs(x) - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * radius ** 2))
+
+    inside = (x / 70) ** 2 + (y / 85) ** 2 + (z / 65) ** 2
+    values = 100 / (1 + np.exp((inside - 1) * 20)) + blob(30, 25, 10, 8, 80) + blob(20, -30, -15, 10, -40) \
+        + blob(0, -50, 20, 6, 60) + blob(0, 40, -20, 9, 50)  # |x|: mirror-symmetric; nothing is in y or z
+    image = sitk.GetImageFromArray(values.reshape(grid.size[::-1]).astype(np.float32))
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image, np.asarray(shift, float), rotation @ np.array([1.0, 0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -297,6 +323,41 @@ def test_resample_acpc_puts_the_ac_voxel_at_the_acpc_origin(afids32, tmp_path):
         assert np.allclose(resampled.GetDirection(), np.eye(3).ravel()) and resampled.GetSpacing() == (1.0, 1.0, 1.0)
 
 
+# ----------------------------------------------------------------------------------------- scan symmetry
+@pytest.mark.parametrize("turn", [(0, 0, 0), (0, -6, 12), (5, 20, -25)])
+def test_symmetry_plane_is_the_plane_the_head_is_mirror_symmetric_about(turn):
+    image, centre, normal = head_image(turn)
+    plane = symmetry_plane(image)
+    assert angle_deg(plane.normal, normal) < 1.0 and plane.normal @ normal > 0  # toward RAS +x
+    assert abs(plane.distances(centre[None])[0]) < 1.0 and abs(plane.distances(plane.centre[None])[0]) < 1e-9
+    assert (plane.name, plane.kind) == ("mid-sagittal-symmetry", "mid-sagittal")
+    # in-plane: the scanner's anterior on the plane (a nod is not seen by symmetry), then superior
+    anterior = np.array([0.0, 1.0, 0.0]) - plane.normal[1] * plane.normal
+    assert np.allclose(plane.axes[0], anterior / np.linalg.norm(anterior))
+    assert np.allclose(plane.axes[1], np.cross(plane.normal, plane.axes[0])) and plane.axes[1][2] > 0.9
+    assert 160 < plane.fov_mm[0] < 200 and 130 < plane.fov_mm[1] < 170  # the head (170 x 130 mm) plus margins
+
+
+def test_symmetry_plane_needs_a_head():
+    image = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    image[10, 10, 10] = 5.0  # one bright voxel: no head to mirror
+    with pytest.raises(LandmarkError, match="scan.nii.gz: has no head"):
+        symmetry_plane(image, source="scan.nii.gz")
+
+
+def test_head_points_are_the_foreground_voxels():
+    image = sitk.Image([10, 12, 8], sitk.sitkFloat32)
+    image.SetOrigin((5.0, -3.0, 2.0))
+    image.SetSpacing((2.0, 1.0, 3.0))
+    for index in ((2, 3, 4), (7, 1, 0), (5, 11, 6)):
+        image[index] = 100.0
+    points = head_points_from_image(image)
+    expected = Grid.of(image).to_ras([(7, 1, 0), (2, 3, 4), (5, 11, 6)])  # in (k, j, i) order
+    assert np.allclose(points, expected)
+    corners = head_points_from_image(sitk.Image([3, 3, 3], sitk.sitkFloat32))  # no foreground: the corners
+    assert len(corners) == 8 and np.ptp(corners, axis=0).tolist() == [2.0, 2.0, 2.0]
+
+
 # ----------------------------------------------------------------------------------------- schema planes
 def _mini(planes):
     return {"name": "mini", "sub_anatomies": [{"name": "Mid", "plane": "mid-sagittal"}],
@@ -413,6 +474,37 @@ def test_planes_command_resamples_the_scan_into_acpc_space(afids32, tmp_path):
     assert array[tuple(centre[::-1])] == pytest.approx(500.0, rel=1e-4)
 
 
+def test_planes_command_finds_the_symmetry_plane_of_a_scan_with_or_without_landmarks(afids32, tmp_path, capsys):
+    turn, shift = (0, -6, 12), (4.0, -3.0, 2.0)
+    image, centre, normal = head_image(turn, shift)
+    scan = tmp_path / "scan.nii.gz"
+    write_volume(image, scan)
+    assert _run(["planes", "--image", str(scan)]) == 0  # printed only
+    printed = capsys.readouterr().out
+    assert "scan.nii.gz: mid-sagittal plane by symmetry: normal (+" in printed and list(tmp_path.iterdir()) == [scan]
+
+    out = tmp_path / "out"
+    assert _run(["planes", "--image", str(scan), "--output", str(out)]) == 0
+    assert [p.name for p in out.iterdir()] == ["mid-sagittal-symmetry.plane.json"]
+    written = json.loads((out / "mid-sagittal-symmetry.plane.json").read_text())
+    assert written["kind"] == "mid-sagittal" and angle_deg(written["normal_ras"], normal) < 1.0
+    assert abs(np.dot(np.subtract(written["centre_ras"], centre), normal)) < 1.0
+    with pytest.raises(LandmarkError, match="already exists"):
+        _run(["planes", "--image", str(scan), "--output", str(out)])
+
+    # landmarks of the same head: every plane, and how far their mid-sagittal plane lies from the scan's
+    landmarks = tmp_path / "case.mrk.json"
+    write_markups_json(landmarks, afids32, afids_head(afids32, rigid_matrix(turn, shift)))
+    both = tmp_path / "both"
+    assert _run(["planes", "--landmarks", str(landmarks), "--image", str(scan), "--output", str(both)]) == 0
+    angle, offset = map(float, re.search(r"lies ([\d.]+) deg and ([\d.]+) mm", capsys.readouterr().out).groups())
+    assert angle < 1.0 and offset < 1.0
+    assert {"planes.json", "mid-sagittal.plane.json", "mid-sagittal-symmetry.plane.json", "acpc.tfm"} <= \
+        {p.name for p in both.iterdir()}
+    msp = json.loads((both / "mid-sagittal.plane.json").read_text())
+    assert 160 < msp["fov_mm"][0] < 200  # the scan's head sizes the fields of view
+
+
 def test_planes_command_errors(afids32, brain88, tmp_path):
     landmarks = tmp_path / "b88.mrk.json"
     write_markups_json(landmarks, brain88, brain88_head(brain88))
@@ -429,3 +521,10 @@ def test_planes_command_errors(afids32, brain88, tmp_path):
     odd.write_text("name,x,y,z\nfoo,1,2,3\n")
     with pytest.raises(LandmarkError, match="match no built-in schema"):
         _run(["planes", "--landmarks", str(odd), "--output", str(tmp_path / "q")])
+    with pytest.raises(LandmarkError, match="needs --landmarks, --image SCAN or both"):
+        _run(["planes", "--output", str(tmp_path / "r")])
+    for option in ("--uncertainty", "--resample"):
+        with pytest.raises(LandmarkError, match=f"x.json: {option} needs --landmarks"):
+            _run(["planes", "--image", str(scan), option, str(tmp_path / "x.json")])
+    with pytest.raises(LandmarkError, match="--resample needs --output"):
+        _run(["planes", "--landmarks", str(landmarks), "--resample", str(scan)])

@@ -113,10 +113,10 @@ def annotation_files(source: str | Path) -> tuple[Schema | None, dict[str, dict[
 
 
 def agreement_of(source: str | Path, schema: Schema | str | Path | None = None,
-                 annotators: list[str] | None = None) -> Agreement:
+                 annotators: list[str] | None = None, progress=None) -> Agreement:
     """Read a dataset folder or manifest and compute the agreement of its cases with 2+ annotators,
     optionally only among ``annotators``. ``schema`` defaults to the dataset's, or the built-in schema
-    the first annotation's labels fit."""
+    the first annotation's labels fit. ``progress`` (runtime.Progress) hears of each case read."""
     found, files = annotation_files(source)
     known = sorted({a for per_case in files.values() for a in per_case})
     if annotators:
@@ -132,8 +132,13 @@ def agreement_of(source: str | Path, schema: Schema | str | Path | None = None,
         schema = found or schema_of_labels(next(p for per_case in files.values() for p in per_case.values()))
     elif not isinstance(schema, Schema):
         schema = load_schema(schema)
-    coords = {case: {a: read_landmarks(p, schema) for a, p in sorted(per_case.items())}
-              for case, per_case in sorted(files.items())}
+    if progress is not None:
+        progress.start("agreement: reading annotations", len(files))
+    coords = {}
+    for step, (case, per_case) in enumerate(sorted(files.items()), start=1):
+        coords[case] = {a: read_landmarks(p, schema) for a, p in sorted(per_case.items())}
+        if progress is not None:
+            progress.update(step)
     return compute_agreement(schema, coords)
 
 
@@ -425,18 +430,24 @@ def output_paths(output: str | Path) -> dict[str, Path]:
     return {key: Path(output) / name for key, name in FILES.items()}
 
 
-def write_agreement(result: Agreement, output: str | Path, overwrite: bool = False, inputs=()) -> dict[str, Path]:
+def write_agreement(result: Agreement, output: str | Path, overwrite: bool = False, inputs=(),
+                    progress=None) -> dict[str, Path]:
     """Write the CSVs and PNGs (see FILES) into ``output``; existing files are refused without
-    ``overwrite``, inputs always; all files land together or none."""
+    ``overwrite``, inputs always; all files land together or none. ``progress`` hears of each file."""
     paths = output_paths(output)
     check_outputs(paths.values(), inputs, overwrite)
+    tables = {"distances": distances_csv, "planarity": planarity_csv, "summary": summary_csv}
+    plots = {"sub_anatomy_plot": plot_sub_anatomies, "landmark_plot": plot_landmarks, "planarity_plot": plot_planarity}
+    if progress is not None:
+        progress.start("agreement: writing tables and plots", len(paths))
     with written_together():
-        atomic_write_text(paths["distances"], distances_csv(result))
-        atomic_write_text(paths["planarity"], planarity_csv(result))
-        atomic_write_text(paths["summary"], summary_csv(result))
-        plot_sub_anatomies(result, paths["sub_anatomy_plot"])
-        plot_landmarks(result, paths["landmark_plot"])
-        plot_planarity(result, paths["planarity_plot"])
+        for step, (key, path) in enumerate(paths.items(), start=1):
+            if key in tables:
+                atomic_write_text(path, tables[key](result))
+            else:
+                plots[key](result, path)
+            if progress is not None:
+                progress.update(step)
     return paths
 
 
@@ -471,14 +482,23 @@ def add_agreement_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--schema", default=None, help="schema name or JSON file (default: the dataset's, or the "
                                                   "built-in schema the annotations' labels fit)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="progress bar for people, or JSON lines for the Slicer GUI (cases read, files written)")
     p.set_defaults(handler=run_agreement)
     return p
 
 
 def run_agreement(args) -> int:
+    from .runtime import Progress
+
     annotators = [a.strip() for a in args.annotators.split(",") if a.strip()] if args.annotators else None
-    result = agreement_of(args.dataset, args.schema, annotators)
-    paths = write_agreement(result, args.output, args.overwrite, inputs=[args.dataset])
+    check_outputs(output_paths(args.output).values(), [args.dataset], args.overwrite)  # before any work
+    progress = Progress(args.progress)
+    try:
+        result = agreement_of(args.dataset, args.schema, annotators, progress)
+        paths = write_agreement(result, args.output, args.overwrite, inputs=[args.dataset], progress=progress)
+    finally:
+        progress.close()
     print(summary_text(result))
     print(f"outputs: {Path(args.output)} ({', '.join(p.name for p in paths.values())})")
     return 0

@@ -246,6 +246,28 @@ def _nearest_curve(curves: list[Curve], a, b) -> Curve | None:
     return best
 
 
+def place_secondaries(schema: Schema, landmarks: np.ndarray, curves, sub_anatomies=None) -> dict[int, np.ndarray]:
+    """Where secondary landmarks belong on their drawn boundary: {landmark index: (3,) RAS} for every (A, B)
+    pair of placed primaries that a curve of the sub-anatomy serves, at the secondaries' schema fractions
+    (points_between). The curve is the one the QA measures the pair's spacing along: the curve nearest both
+    primaries, within CURVE_REACH_MM. ``landmarks``: (K, 3) RAS, NaN where not placed; ``curves`` as
+    annotation_qa takes them; ``sub_anatomies``: names to place (default all). Nothing is moved here: the
+    caller decides which points take their targets (the module leaves points the annotator moved alone)."""
+    points = _points(schema, landmarks)
+    curves = as_curves(curves, schema)
+    chosen = None if sub_anatomies is None else set(sub_anatomies)
+    targets = {}
+    for sub in _layout(schema):
+        if (chosen is not None and sub.name not in chosen) or not curves.get(sub.name):
+            continue
+        for group in sub.groups:
+            a, b = points[group.a], points[group.b]
+            curve = _nearest_curve(curves[sub.name], a, b) if np.isfinite([a, b]).all() else None
+            if curve is not None:
+                targets.update(zip(group.secondaries.tolist(), points_between(curve, a, b, group.fractions)))
+    return targets
+
+
 # -------------------------------------------------------------------------------------- schema layout
 @dataclass(frozen=True, eq=False)
 class _Group:
@@ -549,6 +571,18 @@ def assistance_record(schema: Schema, suggested: np.ndarray, final: np.ndarray) 
     return records
 
 
+ASSISTANCE_ACTIONS = ("accepted", "moved", "removed", "added", "missing")
+
+
+def assistance_document(model: str, records: list[dict]) -> dict:
+    """The model-assistance record of one annotation version (datasets stores it beside the version as
+    v<N>.assistance.json): the model, how many suggestions each action had, and the per-landmark records
+    of assistance_record."""
+    counts = {action: sum(r["action"] == action for r in records) for action in ASSISTANCE_ACTIONS}
+    return {"format": "LandmarkDetectionLib.assistance", "version": 1, "model": model, "counts": counts,
+            "landmarks": list(records)}
+
+
 # -------------------------------------------------------------------------------------------- the fix
 @dataclass
 class Move:
@@ -708,6 +742,16 @@ def _read_curve(markup, file: Path) -> tuple[str, Curve]:
     return name, Curve(np.array(positions), kind == "ClosedCurve", name)
 
 
+def curves_for_qa(landmarks: str | Path, curves: str | Path | None, schema: Schema):
+    """The boundary curves the ``qa`` command measures spacing and order along, and the files read: those of
+    ``curves`` (--curves), else the ones a dataset stored with the landmark file's version
+    (datasets.version_curves: qa on annotations/<case>/<annotator>/v<N>.mrk.json uses v<N>.curves), else none."""
+    from .datasets import version_curves
+
+    path = curves or version_curves(landmarks)
+    return read_curves(path, schema) if path else ({}, [])
+
+
 def read_msp_normal(path: str | Path) -> np.ndarray:
     """The unit RAS normal of a ``mid-sagittal.plane.json`` written by the ``planes`` command."""
     path = Path(path)
@@ -735,7 +779,9 @@ def add_qa_command(subparsers) -> argparse.ArgumentParser:
                                                    "landmarks the file holds)")
     p.add_argument("--curves", default=None, help="boundary curves: a markups .mrk.json of Curve/ClosedCurve markups, "
                                                   "or a folder of them, each named after its sub-anatomy (markup or "
-                                                  "file name); spacing and order are then measured along them")
+                                                  "file name); spacing and order are then measured along them "
+                                                  "(default: for a dataset's annotation version, the curves stored "
+                                                  "with it)")
     p.add_argument("--msp", default=None, metavar="PLANE_JSON",
                    help="mid-sagittal.plane.json from the planes command: expected planes follow the scan's "
                         "mid-sagittal plane instead of the scanner axes")
@@ -761,7 +807,7 @@ def run_qa(args) -> int:
         raise LandmarkError(args.output, "--output and --fix name the same file")
     schema = load_schema(args.schema) if args.schema else schema_of_labels(args.landmarks)
     landmarks = read_landmarks(args.landmarks, schema)
-    curves, curve_files = read_curves(args.curves, schema) if args.curves else ({}, [])
+    curves, curve_files = curves_for_qa(args.landmarks, args.curves, schema)
     msp = read_msp_normal(args.msp) if args.msp else None
     inputs = [args.landmarks, args.msp, *curve_files,
               schema.source if args.schema and Path(schema.source).exists() else None]
@@ -775,6 +821,8 @@ def run_qa(args) -> int:
         if fixed is not None:
             write_markups_json(args.fix, schema, fixed.positions)
     print(f"{args.landmarks}: schema {schema.name}")
+    if curve_files and not args.curves:
+        print(f"boundary curves stored with this version: {curve_files[0].parent}")
     print(result.text())
     if fixed is not None:
         print(fixed.text())

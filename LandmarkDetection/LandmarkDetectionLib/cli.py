@@ -268,7 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_qa_figure_options(add_qa_command(commands))
     add_dataset_command(commands)
     add_agreement_command(commands)
+    _accept_progress(commands)
     return parser
+
+
+def _accept_progress(subparsers) -> None:
+    """The Slicer modules' BackendJob ends every command line with ``--progress json``: every command (and
+    sub-command) that does not define --progress itself accepts it here; such a command is short and has no
+    steps to report."""
+    for parser in subparsers.choices.values():
+        nested = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        for action in nested:
+            _accept_progress(action)
+        if not nested and "--progress" not in parser._option_string_actions:
+            parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                                help="accepted from the Slicer GUI, which adds --progress json to every command; "
+                                     "this command has no steps to report")
 
 
 def main(argv=None) -> int:
@@ -541,7 +556,7 @@ def _add_qa_figure_options(p) -> None:
 def cmd_qa(args) -> int:
     """``qa``: annotation.run_qa (table, CSV, fix), and with --figures the QA figures (figures.py), which
     land together with the CSV and fix or not at all."""
-    from .annotation import annotation_qa, read_curves, read_msp_normal, run_qa
+    from .annotation import annotation_qa, curves_for_qa, read_msp_normal, run_qa
     from .figures import qa_figure_paths, write_qa_figures
     from .fileio import check_outputs, read_landmarks, read_volume, remove_if_empty, written_together
     from .schema import load_schema, schema_of_labels
@@ -555,7 +570,7 @@ def cmd_qa(args) -> int:
         raise LandmarkError(folder, "--figures must be a folder (the PNGs are written into it), not a file")
     schema = load_schema(args.schema) if args.schema else schema_of_labels(args.landmarks)
     landmarks = read_landmarks(args.landmarks, schema)
-    curves = read_curves(args.curves, schema)[0] if args.curves else {}
+    curves = curves_for_qa(args.landmarks, args.curves, schema)[0]
     msp = read_msp_normal(args.msp) if args.msp else None
     image = read_volume(args.image) if args.image else None
     check_outputs(qa_figure_paths(folder, schema).values(), [args.landmarks, args.image], args.overwrite)

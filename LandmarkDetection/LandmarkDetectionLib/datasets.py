@@ -7,7 +7,14 @@ Layout of a dataset folder::
     manifest.csv                          one row per (case, annotator): what train and agreement read
     images/<case>.nii.gz                  the scan, copied in once (the user's file is never touched)
     annotations/<case>/<annotator>/v1.mrk.json, v2.mrk.json, ...   every saved version, never overwritten
-    annotations/<case>/<annotator>/versions.json                    status, provenance and time of each
+    annotations/<case>/<annotator>/v2.curves/<Sub_Anatomy>-01.mrk.json ...   a version's boundary curves
+    annotations/<case>/<annotator>/v2.assistance.json               a version's model-assistance record
+    annotations/<case>/<annotator>/versions.json                    status, provenance, time and extras of each
+
+A version may carry the whole annotation, not only its landmarks: the boundary curves the secondary points
+were spaced along (one Slicer curve ``.mrk.json`` per curve, named after its sub-anatomy, so ``qa --curves``
+and Slicer read them; a dense polyline, the curve exactly as the QA measured it) and the record of what the
+annotator did with a model's suggestions. ``load_annotation`` gives all of it back.
 
 The manifest has data.py's columns (image, landmarks, extra_images, split, group, name) plus
 ``training``, ``annotator``, ``status`` (draft, complete, reviewed), ``provenance`` (manual, imported,
@@ -41,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .annotation import Curve, as_curves, read_curves
 from .digest import file_sha256
 from .errors import LandmarkError
 from .fileio import (
@@ -50,6 +58,7 @@ from .fileio import (
     read_volume,
     safe_name,
     stem,
+    write_curve_json,
     write_markups_json,
     written_together,
 )
@@ -95,6 +104,18 @@ class Version:
     provenance: str
     created: str
     source: str = ""  # the file it was saved from, when it came from one
+    curves: Path | None = None  # the folder of its boundary curves, when it has any
+    assistance: Path | None = None  # its model-assistance record, when a model pre-filled it
+
+
+@dataclass(frozen=True)
+class StoredAnnotation:
+    """One saved version with everything stored with it."""
+
+    version: Version
+    landmarks: np.ndarray  # (K, 3) RAS in schema order, NaN where not placed
+    curves: dict[str, list[Curve]]  # {sub-anatomy: [Curve]}; empty without curves
+    assistance: dict | None  # the model-assistance record (annotation.assistance_document), if any
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -194,7 +215,9 @@ def _read_versions(annotator_dir: Path) -> list[Version]:
         try:
             records = json.loads(path.read_text(encoding="utf-8"))["versions"]
             return [Version(int(r["version"]), annotator_dir / r["file"], r.get("status", ""), r.get("provenance", ""),
-                            r.get("created", ""), r.get("source", "")) for r in records]
+                            r.get("created", ""), r.get("source", ""),
+                            annotator_dir / r["curves"] if r.get("curves") else None,
+                            annotator_dir / r["assistance"] if r.get("assistance") else None) for r in records]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise LandmarkError(path, f"not a readable version list ({error})") from None
     # without the list (a hand-made folder): the version files themselves
@@ -203,8 +226,38 @@ def _read_versions(annotator_dir: Path) -> list[Version]:
 
 
 def _version_number(path: Path) -> int:
-    text = path.name[1: -len(".mrk.json")]
+    """N of a version's file or extra (v<N>.mrk.json, v<N>.curves, v<N>.assistance.json); 0 for other names."""
+    text = path.name[1:].split(".", 1)[0] if path.name.startswith("v") else ""
     return int(text) if text.isdigit() else 0
+
+
+def load_annotation(folder: str | Path, case: str, annotator: str, version: int | None = None) -> StoredAnnotation:
+    """One saved version (default: the newest) of ``annotator``'s annotation of ``case``, with its boundary
+    curves and model-assistance record."""
+    folder = Path(folder)
+    schema = dataset_schema(folder)
+    versions = list_versions(folder, case, annotator)
+    chosen = versions[-1] if version is None else next((v for v in versions if v.number == version), None)
+    if chosen is None:
+        raise LandmarkError(folder, f"case '{case}' has no version {version} by '{annotator}' (versions: "
+                                    f"{', '.join(str(v.number) for v in versions)})")
+    curves = read_curves(chosen.curves, schema)[0] if chosen.curves else {}
+    assistance = None
+    if chosen.assistance:
+        try:
+            assistance = json.loads(chosen.assistance.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise LandmarkError(chosen.assistance, f"not a readable assistance record ({error})") from None
+    return StoredAnnotation(chosen, read_landmarks(chosen.path, schema), curves, assistance)
+
+
+def version_curves(landmarks: str | Path) -> Path | None:
+    """The boundary curves a dataset stored with an annotation version file (annotations/<case>/<annotator>/
+    v<N>.mrk.json: its v<N>.curves folder), or None for any other file or a version without curves."""
+    path = Path(landmarks)
+    if not (path.parent / "versions.json").is_file():
+        return None
+    return next((v.curves for v in _read_versions(path.parent) if v.path.name == path.name), None)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -245,13 +298,14 @@ def create_dataset(folder: str | Path, schema: str | Path = "brain-88") -> Path:
 
 def add_case(folder: str | Path, image: str | Path | None, landmarks, annotator: str, case: str | None = None,
              status: str = "complete", provenance: str = "manual", split: str | None = None,
-             group: str | None = None, extra_images=()) -> Entry:
+             group: str | None = None, extra_images=(), curves=None, assistance: dict | None = None) -> Entry:
     """Add ``annotator``'s annotation of a scan: a new case (the scan copied in), or, when the case exists,
     a new version by this annotator (``image``, if given, must be the case's scan).
 
     ``landmarks``: a landmark file (.mrk.json, .fcsv, .csv) or a (K, 3) RAS array in schema order. ``case``
     defaults to the scan's file name. ``split`` and ``group`` set the case's split (train, val, test or ''
-    for train to decide) and group; None keeps them. Returns the manifest row of the new version.
+    for train to decide) and group; None keeps them. ``curves`` and ``assistance`` are stored with the
+    version (see save_annotation). Returns the manifest row of the new version.
     """
     folder = _check_dataset(folder)
     with _locked(folder):
@@ -278,13 +332,17 @@ def add_case(folder: str | Path, image: str | Path | None, landmarks, annotator:
                               for i, p in enumerate(extra_images, start=1))
             template = Entry(case, annotator, image_path, Path(), 0, "", "", "",
                              known[0].split if known else "", known[0].group if known else "", extra)
-            return _save(folder, entries, template, landmarks, status, provenance, split, group)
+            return _save(folder, entries, template, landmarks, status, provenance, split, group, curves, assistance)
 
 
 def save_annotation(folder: str | Path, case: str, annotator: str, landmarks, status: str = "complete",
-                    provenance: str = "manual") -> Entry:
+                    provenance: str = "manual", curves=None, assistance: dict | None = None) -> Entry:
     """Save a new version of ``annotator``'s annotation of an existing case (a new annotator may start
-    one); earlier versions stay as they are. ``landmarks``: a file or a (K, 3) RAS array in schema order."""
+    one); earlier versions stay as they are. ``landmarks``: a file or a (K, 3) RAS array in schema order.
+
+    Stored with the version, when given: ``curves``, the boundary curves ({sub-anatomy: Curve, (N, 3) RAS
+    points or a list of them}, as annotation_qa takes them), and ``assistance``, the model-assistance
+    record (a JSON object, annotation.assistance_document). Everything of one save lands together."""
     folder = _check_dataset(folder)
     with _locked(folder):
         entries = read_entries(folder)
@@ -292,12 +350,13 @@ def save_annotation(folder: str | Path, case: str, annotator: str, landmarks, st
         with written_together():
             template = Entry(case, annotator, known[0].image, Path(), 0, "", "", "", known[0].split,
                              known[0].group, known[0].extra_images)
-            return _save(folder, entries, template, landmarks, status, provenance, None, None)
+            return _save(folder, entries, template, landmarks, status, provenance, None, None, curves, assistance)
 
 
-def _save(folder: Path, entries: list[Entry], template: Entry, landmarks, status, provenance, split, group) -> Entry:
-    """Write the next version of (case, annotator), its versions.json and the manifest (inside the caller's
-    lock and written_together block)."""
+def _save(folder: Path, entries: list[Entry], template: Entry, landmarks, status, provenance, split, group,
+          curves=None, assistance=None) -> Entry:
+    """Write the next version of (case, annotator) with its extras, its versions.json and the manifest
+    (inside the caller's lock and written_together block)."""
     _check_name(template.annotator, "annotator")
     _check_unique(folder, template.annotator, {e.annotator for e in entries if e.case == template.case}, "annotator")
     if status not in STATUSES:
@@ -315,16 +374,27 @@ def _save(folder: Path, entries: list[Entry], template: Entry, landmarks, status
         if coords.shape != (len(schema), 3):
             raise LandmarkError(folder, f"landmarks have shape {coords.shape}; schema '{schema.name}' needs "
                                         f"({len(schema)}, 3)")
+    curves = _checked_curves(folder, schema, curves)
     annotator_dir = folder / "annotations" / template.case / template.annotator
     versions = _read_versions(annotator_dir)
-    number = max([v.number for v in versions] + [_version_number(p) for p in annotator_dir.glob("v*.mrk.json")]
-                 + [0]) + 1
+    # above every number in use, a file or folder left by a failed save included: nothing is ever reused
+    number = max([v.number for v in versions] + [_version_number(p) for p in annotator_dir.glob("v*")] + [0]) + 1
     path = annotator_dir / f"v{number}.mrk.json"
-    if path.exists():  # cannot happen under the lock; never overwrite a version
-        raise LandmarkError(path, "already exists; annotation versions are never overwritten")
+    curves_dir = annotator_dir / f"v{number}.curves" if curves else None
+    assistance_path = annotator_dir / f"v{number}.assistance.json" if assistance is not None else None
+    assistance_text = _assistance_text(folder, assistance, path.name) if assistance is not None else None
+    for target in (path, curves_dir, assistance_path):
+        if target is not None and target.exists():  # cannot happen under the lock; never overwrite a version
+            raise LandmarkError(target, "already exists; annotation versions are never overwritten")
     created = now_utc()
     write_markups_json(path, schema, coords, name=f"{template.case} {template.annotator} v{number}")
-    record = Version(number, path, status, provenance, created, source)
+    for sub, sub_curves in curves.items():
+        for k, curve in enumerate(sub_curves, start=1):
+            write_curve_json(curves_dir / f"{safe_name(sub)}-{k:02d}.mrk.json", curve.points, f"{sub} boundary {k}",
+                             curve.closed)
+    if assistance_path is not None:
+        atomic_write_text(assistance_path, assistance_text)
+    record = Version(number, path, status, provenance, created, source, curves_dir, assistance_path)
     atomic_write_text(annotator_dir / "versions.json", _versions_text(template, [*versions, record]))
     entry = replace(template, landmarks=path, version=number, status=status, provenance=provenance, created=created)
     split = entry.split if split is None else split
@@ -334,6 +404,28 @@ def _save(folder: Path, entries: list[Entry], template: Entry, landmarks, status
     updated = choose_training(sorted(rows, key=lambda e: (e.case, e.annotator)))
     atomic_write_text(folder / MANIFEST, _manifest_text(folder, updated))
     return next(e for e in updated if (e.case, e.annotator) == (entry.case, entry.annotator))
+
+
+def _checked_curves(folder: Path, schema: Schema, curves) -> dict[str, list[Curve]]:
+    """{sub-anatomy: [Curve]} of the schema's sub-anatomies, each with two distinct finite points at least."""
+    try:
+        checked = as_curves(curves, schema)
+        for sub_curves in checked.values():
+            for curve in sub_curves:
+                curve.polyline  # noqa: B018 - building it checks for two distinct finite points
+    except ValueError as error:
+        raise LandmarkError(folder, f"boundary curves: {error}") from None
+    return {sub: sub_curves for sub, sub_curves in checked.items() if sub_curves}
+
+
+def _assistance_text(folder: Path, assistance, annotation: str) -> str:
+    """The model-assistance record as the JSON text stored beside the annotation version it describes."""
+    if not isinstance(assistance, dict):
+        raise LandmarkError(folder, "the model-assistance record must be a JSON object")
+    try:
+        return json.dumps({**assistance, "annotation": annotation}, indent=1) + "\n"
+    except (TypeError, ValueError) as error:
+        raise LandmarkError(folder, f"the model-assistance record is not JSON ({error})") from None
 
 
 def choose_training(entries: list[Entry]) -> list[Entry]:
@@ -360,7 +452,8 @@ def _manifest_text(folder: Path, entries: list[Entry]) -> str:
 
 def _versions_text(template: Entry, versions: list[Version]) -> str:
     records = [{"version": v.number, "file": v.path.name, "status": v.status, "provenance": v.provenance,
-                "created": v.created, "source": v.source} for v in versions]
+                "created": v.created, "source": v.source, **({"curves": v.curves.name} if v.curves else {}),
+                **({"assistance": v.assistance.name} if v.assistance else {})} for v in versions]
     return json.dumps({"case": template.case, "annotator": template.annotator, "versions": records}, indent=1) + "\n"
 
 
@@ -492,6 +585,10 @@ def add_dataset_command(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--group", default=None, help="the case's group for per-group evaluation (default: keep it)")
     a.add_argument("--extra-image", action="append", default=[], metavar="SCAN",
                    help="another contrast of the same scan for synthetic training (repeatable; new cases only)")
+    a.add_argument("--curves", default=None, metavar="PATH",
+                   help="the annotation's boundary curves, stored with the version: a markups .mrk.json of "
+                        "Curve/ClosedCurve markups or a folder of them, each named after its sub-anatomy (as qa "
+                        "--curves reads them)")
     a.set_defaults(handler=run_add)
 
     s = commands.add_parser("list", help="list cases, annotators and versions",
@@ -510,8 +607,9 @@ def run_create(args) -> int:
 
 
 def run_add(args) -> int:
+    curves = read_curves(args.curves, dataset_schema(args.dataset))[0] if args.curves else None
     entry = add_case(args.dataset, args.image, args.landmarks, args.annotator, args.case, args.status,
-                     args.provenance, args.split, args.group, args.extra_image)
+                     args.provenance, args.split, args.group, args.extra_image, curves)
     folder = Path(args.dataset)
     print(f"{entry.case}: saved {args.annotator}'s annotation as {_relative(entry.landmarks, folder)} "
           f"({entry.status}, {entry.provenance}){'; train reads it' if entry.training else ''}")
@@ -541,7 +639,10 @@ def listing_text(folder: str | Path) -> str:
         lines.append(f"{case}: {_relative(rows[0].image, folder)}{extras}")
         width = max(len(e.annotator) for e in rows)
         for e in rows:
-            count = len(_read_versions(e.landmarks.parent))
-            lines.append(f"  {e.annotator:<{width}}  v{e.version} of {count}  {e.status:<8}  {e.created}  "
-                         f"{e.provenance}{'  <- train reads this' if e.training else ''}")
+            versions = _read_versions(e.landmarks.parent)
+            newest = next((v for v in versions if v.number == e.version), None)
+            extras = "".join(f"  +{name}" for name, stored in (("curves", newest and newest.curves),
+                                                               ("assistance", newest and newest.assistance)) if stored)
+            lines.append(f"  {e.annotator:<{width}}  v{e.version} of {len(versions)}  {e.status:<8}  {e.created}  "
+                         f"{e.provenance}{extras}{'  <- train reads this' if e.training else ''}")
     return "\n".join(lines)

@@ -285,22 +285,19 @@ def _read_csv(text, path):
     return points
 
 
-def markups_json(schema: Schema, coords_ras: np.ndarray, indices=None, name="Landmarks", locked=False,
-                 color=None) -> dict:
-    """A Slicer markups JSON document (LPS, as Slicer writes) for the given schema landmarks."""
-    indices = range(len(schema)) if indices is None else indices
-    control_points = []
-    for n, i in enumerate(indices):
-        lm = schema.landmarks[i]
-        ras = np.asarray(coords_ras[i], dtype=float)
-        defined = bool(np.isfinite(ras).all())
-        point = {"id": str(n + 1), "label": lm.name, "description": lm.sub_anatomy, "associatedNodeID": "",
-                 "position": [float(v) for v in ras * _LPS] if defined else [0.0, 0.0, 0.0],
-                 "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
-                 "selected": True, "locked": locked, "visibility": True,
-                 "positionStatus": "defined" if defined else "missing"}
-        control_points.append(point)
-    markup = {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm", "locked": locked,
+def _control_point(n: int, label: str, description: str, ras, locked: bool) -> dict:
+    """One control point of a markups JSON document (LPS); NaN coordinates are a missing point."""
+    ras = np.asarray(ras, dtype=float)
+    defined = bool(np.isfinite(ras).all())
+    return {"id": str(n + 1), "label": label, "description": description, "associatedNodeID": "",
+            "position": [float(v) for v in ras * _LPS] if defined else [0.0, 0.0, 0.0],
+            "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0],
+            "selected": True, "locked": locked, "visibility": True,
+            "positionStatus": "defined" if defined else "missing"}
+
+
+def _markups_document(kind: str, name: str, control_points: list[dict], locked: bool, color) -> dict:
+    markup = {"type": kind, "coordinateSystem": "LPS", "coordinateUnits": "mm", "locked": locked,
               "fixedNumberOfControlPoints": False, "labelFormat": "%N-%d", "name": name,
               "lastUsedControlPointNumber": len(control_points), "controlPoints": control_points}
     if color is not None:
@@ -308,8 +305,35 @@ def markups_json(schema: Schema, coords_ras: np.ndarray, indices=None, name="Lan
     return {"@schema": MARKUPS_SCHEMA_URL, "markups": [markup]}
 
 
+def markups_json(schema: Schema, coords_ras: np.ndarray, indices=None, name="Landmarks", locked=False,
+                 color=None) -> dict:
+    """A Slicer markups JSON document (LPS, as Slicer writes) for the given schema landmarks."""
+    indices = range(len(schema)) if indices is None else indices
+    control_points = [_control_point(n, schema.landmarks[i].name, schema.landmarks[i].sub_anatomy, coords_ras[i],
+                                     locked) for n, i in enumerate(indices)]
+    return _markups_document("Fiducial", name, control_points, locked, color)
+
+
 def write_markups_json(path, schema: Schema, coords_ras, **kwargs) -> None:
     atomic_write_text(path, json.dumps(markups_json(schema, coords_ras, **kwargs), indent=2))
+
+
+def curve_markups_json(points_ras, name: str, closed: bool = False, locked: bool = False, color=None) -> dict:
+    """A Slicer markups JSON document (LPS) of one Curve, or ClosedCurve, whose control points are the
+    (N >= 2, 3) RAS ``points_ras`` in order (a closed curve's last point is left out when it repeats the
+    first: the markup closes itself). One curve per file: Slicer reads the first markup of a file."""
+    points = np.asarray(points_ras, dtype=float)
+    if points.ndim != 2 or points.shape[1] != 3 or len(points) < 2 or not np.isfinite(points).all():
+        raise ValueError(f"curve {name!r}: expected (N >= 2, 3) finite points, got shape {points.shape}")
+    if closed and len(points) > 2 and np.array_equal(points[0], points[-1]):
+        points = points[:-1]
+    control_points = [_control_point(n, f"{name}-{n + 1}", "", point, locked) for n, point in enumerate(points)]
+    return _markups_document("ClosedCurve" if closed else "Curve", name, control_points, locked, color)
+
+
+def write_curve_json(path, points_ras, name: str, closed: bool = False, **kwargs) -> None:
+    """Write one boundary curve as a Slicer ``.mrk.json`` (see curve_markups_json)."""
+    atomic_write_text(path, json.dumps(curve_markups_json(points_ras, name, closed, **kwargs), indent=2))
 
 
 def landmarks_csv_text(schema: Schema, coords_ras: np.ndarray, extra: dict | None = None) -> str:

@@ -138,6 +138,17 @@ def curve_points(curve_node) -> np.ndarray:
     return np.array([points.GetPoint(i) for i in range(points.GetNumberOfPoints())], dtype=float)
 
 
+def set_curve_points(curve_node, points_ras) -> None:
+    """Make a markups curve exactly the polyline through (N, 3) RAS points, in order (curve_points then
+    gives them back): linear, one curve point per control point. How a saved boundary comes back."""
+    points = vtk.vtkPoints()
+    for point in np.asarray(points_ras, dtype=float):
+        points.InsertNextPoint(*(float(v) for v in point))
+    curve_node.SetCurveTypeToLinear()
+    curve_node.SetNumberOfPointsPerInterpolatingSegment(1)
+    curve_node.SetControlPointPositionsWorld(points)
+
+
 # --------------------------------------------------------------------------------------------- ellipsoids
 def ellipsoid_polydata(center, semi_axes, axes, resolution: int = 24):
     """A triangulated ellipsoid: the unit sphere scaled by the semi-axes along the axis directions
@@ -287,9 +298,41 @@ def add_acpc_transform(scene, frame, name: str = "AC-PC transform", folder: int 
     return node
 
 
-def reformat_slice(slice_node, plane) -> None:
-    """Reformat a slice view onto ``plane``: its normal out of the screen, its first in-plane axis to the
-    right, centred on the plane's field of view."""
-    centre = plane.fov_centre if plane.fov_centre is not None else plane.centre
-    normal, u = np.asarray(plane.normal, float), np.asarray(plane.axes[0], float)
-    slice_node.SetSliceToRASByNTP(*normal, *u, *(float(c) for c in centre), 0)
+# Slicer's slice-view presets (vtkMRMLSliceNode::Get{Sagittal,Coronal,Axial}SliceToRASMatrix with the patient's
+# right on the screen's left, the default, Slicer 5.6 to main), by the head axis (0 R, 1 A, 2 S) nearest the
+# plane's normal: the head axes shown to the screen's right, upward and out of it, each as (axis, sign).
+# Sagittal P, S, L; coronal L, S, A; axial L, A, S.
+SLICE_PRESETS = {0: ((1, -1), (2, 1), (0, -1)), 1: ((0, -1), (2, 1), (1, 1)), 2: ((0, -1), (1, 1), (2, 1))}
+
+
+def slice_frame(normal, head_axes=None) -> np.ndarray:
+    """(3, 3) RAS columns: the screen's right, up and out of it, for a slice view showing the plane with
+    ``normal`` as Slicer shows the preset view nearest to it (SLICE_PRESETS), turned with the head.
+
+    ``head_axes``: rows right, anterior, superior (unit RAS; default the scanner's), e.g. planes.PlaneSet's
+    head_axes. The normal's sign is the preset's; right and up are the preset's made orthogonal to it (and
+    to each other). Like Slicer's, the axial frame is a mirror (right x up = -out). With the scanner's axes
+    and a normal along one of them this is exactly Slicer's preset matrix."""
+    axes = np.eye(3) if head_axes is None else np.asarray(head_axes, dtype=float)
+    normal = np.asarray(normal, dtype=float) / np.linalg.norm(normal)
+    (r, r_sign), (u, u_sign), (n, n_sign) = SLICE_PRESETS[int(np.abs(axes @ normal).argmax())]
+    out = normal if normal @ axes[n] * n_sign > 0 else -normal
+    right = r_sign * axes[r] - (r_sign * axes[r] @ out) * out
+    right /= np.linalg.norm(right)
+    up = u_sign * axes[u] - (u_sign * axes[u] @ out) * out - (u_sign * axes[u] @ right) * right
+    return np.stack([right, up / np.linalg.norm(up), out], axis=1)
+
+
+def reformat_slice(slice_node, centre, normal, head_axes=None) -> np.ndarray:
+    """Show the plane through ``centre`` with ``normal`` (RAS) in a slice view (a vtkMRMLSliceNode) the way
+    Slicer shows its own axial, sagittal and coronal views, turned with the head (slice_frame), centred on
+    ``centre``. Returns the frame (columns right, up, out of the screen)."""
+    frame = slice_frame(normal, head_axes)
+    # set in place, then UpdateMatrices: vtkMRMLSliceNode's documented way of changing SliceToRAS
+    matrix = slice_node.GetSliceToRAS()
+    for row in range(3):
+        for column in range(3):
+            matrix.SetElement(row, column, float(frame[row, column]))
+        matrix.SetElement(row, 3, float(centre[row]))
+    slice_node.UpdateMatrices()
+    return frame

@@ -12,7 +12,9 @@ them this module computes
 - the schema's axial plane (brain-88: the Brain Axial Boundary points) and each listed sub-anatomy's
   own best-fit plane;
 - per plane: its uncertainty from the landmarks' covariances (seeded Monte Carlo), a suggested field
-  of view, and the files a scanner console or Slicer can take.
+  of view, and the files a scanner console or Slicer can take;
+- without landmarks, the MSP from the scan's left-right symmetry (symmetry_plane; ``planes --image``):
+  where a guided annotation starts, before any midline point is placed.
 
 Conventions
 - World coordinates are RAS mm. A plane is a centre (the centroid of the landmarks it was fitted to,
@@ -331,18 +333,88 @@ def field_of_view(centre, normal, axes, points, margin_mm: float) -> tuple[np.nd
     return fov_centre, high - low + 2 * margin_mm
 
 
+def _foreground(image: sitk.Image, max_points: int) -> np.ndarray:
+    """(k, j, i) indices of the scan's foreground voxels (Otsu threshold) on a regular sub-grid, at most
+    about ``max_points`` of them (possibly none)."""
+    # a copy, not GetArrayViewFromImage: the thresholded image is a temporary, freed once this line ends
+    mask = sitk.GetArrayFromImage(sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1))
+    stride = max(1, math.ceil((int(mask.sum()) / max_points) ** (1 / 3)))
+    return np.argwhere(mask[::stride, ::stride, ::stride]) * stride
+
+
 def head_points_from_image(image: sitk.Image, max_points: int = 200_000) -> np.ndarray:
     """RAS positions of the head: the scan's foreground voxels (Otsu threshold), evenly thinned to at most
     about ``max_points``; all eight corners of the volume when there is no foreground."""
-    mask = sitk.GetArrayViewFromImage(sitk.OtsuThreshold(sitk.Cast(image, sitk.sitkFloat32), 0, 1))
-    stride = max(1, math.ceil((int(mask.sum()) / max_points) ** (1 / 3)))
-    kji = np.argwhere(mask[::stride, ::stride, ::stride]) * stride
+    kji = _foreground(image, max_points)
     grid = Grid.of(image)
     if len(kji) == 0:
         size = np.asarray(grid.size) - 1
         corners = np.array([[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])])
         return grid.to_ras(corners)
     return grid.to_ras(kji[:, ::-1])
+
+
+# ------------------------------------------------------------------------------ the MSP from the scan alone
+SYMMETRY_GRID_MM = 4.0  # the symmetry is measured on this grid: fast, and the MSP is a large-scale feature
+SYMMETRY_POINTS = 20_000  # head voxels compared with their mirror images, at most about
+SYMMETRY_TURNS_DEG = np.arange(-30.0, 31.0, 10.0)  # head turns about S and A tried before refining
+
+
+def _turned_right(yaw_deg: float, roll_deg: float) -> np.ndarray:
+    """RAS +x turned by ``yaw`` about S, then by ``roll`` about A (degrees)."""
+    yaw, roll = np.radians(yaw_deg), np.radians(roll_deg)
+    return np.array([np.cos(yaw) * np.cos(roll), np.sin(yaw) * np.cos(roll), -np.sin(roll)])
+
+
+def symmetry_plane(image: sitk.Image, grid_mm: float = SYMMETRY_GRID_MM, source=None) -> Plane:
+    """The mid-sagittal plane of a head scan from its left-right symmetry, before any landmark is placed.
+
+    The plane n . x = d is the one that best maps the head onto itself: the correlation between the scan's
+    intensities at head voxels p and at their mirror images p - 2 (n . p - d) n is largest. The scan is
+    resampled to a ``grid_mm`` isotropic grid and the head is its Otsu foreground. The search starts from
+    the scanner's sagittal plane through the head's centroid, tries head turns of up to 30 degrees about
+    S and A on a coarse grid, and refines the best with Nelder-Mead.
+
+    Returns the Plane "mid-sagittal-symmetry": centre the head's centroid projected onto it, normal toward
+    RAS +x (the subject's right when the header is right: the scan alone cannot tell a flipped header), in-plane
+    axes anterior and superior, field of view the head plus 10 mm. ``source`` names the scan in errors.
+    """
+    from scipy.ndimage import map_coordinates
+    from scipy.optimize import minimize
+
+    from .preprocess import resample_isotropic
+
+    small = resample_isotropic(image, grid_mm)
+    volume = sitk.GetArrayFromImage(small)  # (k, j, i)
+    grid = Grid.of(small)
+    kji = _foreground(small, SYMMETRY_POINTS)
+    if len(kji) < 10:
+        raise LandmarkError(source, "has no head (foreground) to find its mid-sagittal plane by symmetry")
+    head = grid.to_ras(kji[:, ::-1])
+    centroid = head.mean(axis=0)
+    values = volume[tuple(kji.T)]
+    values = (values - values.mean()) / max(float(values.std()), 1e-6)
+    background = float(volume.min())
+
+    def cost(parameters) -> float:  # minus the correlation of the head with its mirror image
+        normal = _turned_right(parameters[0], parameters[1])
+        offset = normal @ centroid + parameters[2]
+        mirrored = head - 2.0 * (head @ normal - offset)[:, None] * normal
+        other = map_coordinates(volume, grid.to_index(mirrored)[:, ::-1].T, order=1, mode="constant",
+                                cval=background)
+        spread = float(other.std())
+        return 1.0 if spread == 0 else -float(np.mean(values * (other - other.mean()) / spread))
+
+    start = min(([yaw, roll, 0.0] for yaw in SYMMETRY_TURNS_DEG for roll in SYMMETRY_TURNS_DEG), key=cost)
+    simplex = np.array(start) + np.array([[0, 0, 0], [5, 0, 0], [0, 5, 0], [0, 0, grid_mm]])
+    best = minimize(cost, start, method="Nelder-Mead",
+                    options={"initial_simplex": simplex, "xatol": 0.05, "fatol": 1e-5, "maxiter": 400})
+    normal = _turned_right(best.x[0], best.x[1])
+    centre = centroid + best.x[2] * normal  # the centroid projected onto n . x = n . centroid + offset
+    normal, in_plane = orient_plane(normal, head_axes(normal, (0.0, 1.0, 0.0)))
+    fov_centre, fov_mm = field_of_view(centre, normal, in_plane, head, 10.0)
+    return Plane("mid-sagittal-symmetry", "mid-sagittal", centre, normal, in_plane, (), fov_centre=fov_centre,
+                 fov_mm=fov_mm)
 
 
 # ------------------------------------------------------------------------------------------ uncertainty
@@ -681,12 +753,21 @@ def add_planes_command(subparsers) -> argparse.ArgumentParser:
     """Define ``planes`` on an argparse subparsers object; its handler is ``args.handler(args)``."""
     from .cli import number  # the CLI's bounded-number option type (cli.py builds this parser)
 
-    p = subparsers.add_parser("planes", help="mid-sagittal plane, AC-PC frame and scan planes from landmarks",
-                              description="Scan-plane prescription and AC-PC alignment from (detected) landmarks.")
-    p.add_argument("--landmarks", required=True, help="landmark file (.mrk.json, .fcsv or .csv)")
+    p = subparsers.add_parser("planes", help="mid-sagittal plane, AC-PC frame and scan planes from landmarks, or the "
+                                             "mid-sagittal plane from a scan's symmetry",
+                              description="Scan-plane prescription and AC-PC alignment from (detected) landmarks; "
+                                          "with --image, the mid-sagittal plane from the scan's left-right symmetry "
+                                          "(no landmarks needed), compared with the landmarks' when both are given.")
+    p.add_argument("--landmarks", default=None, help="landmark file (.mrk.json, .fcsv or .csv)")
+    p.add_argument("--image", default=None, metavar="SCAN",
+                   help="the mid-sagittal plane from this scan's left-right symmetry: "
+                        "mid-sagittal-symmetry.plane.json (what Landmark Training starts an annotation from); "
+                        "with --landmarks, how far their mid-sagittal plane lies from it, and the scan's head "
+                        "sizes the fields of view")
     p.add_argument("--uncertainty", default=None, help="NAME.uncertainty.json from detect --uncertainty: plane "
                                                        "uncertainties and trustworthiness")
-    p.add_argument("--output", required=True, help="folder for <plane>.plane.json, planes.json, acpc.tfm, ...")
+    p.add_argument("--output", default=None, help="folder for <plane>.plane.json, planes.json, acpc.tfm, ... "
+                                                  "(without it the planes are only printed)")
     p.add_argument("--resample", default=None, metavar="SCAN",
                    help="also write SCAN resampled into AC-PC space (NAME_acpc.nii.gz); its head sizes the FOVs")
     p.add_argument("--spacing", type=number(float, 0.1, 10), default=1.0, help="voxel size (mm) of the AC-PC resampled scan")
@@ -700,46 +781,76 @@ def add_planes_command(subparsers) -> argparse.ArgumentParser:
 
 
 def run_planes(args) -> int:
-    """The ``planes`` command: read, compute, refuse unsafe outputs, write, print a summary."""
-    from .fileio import check_writable_dir, read_landmarks, read_volume, stem, write_volume
+    """The ``planes`` command: read, compute, refuse unsafe outputs, write (all files together), print a summary."""
+    from .fileio import check_writable_dir, read_landmarks, read_volume, stem, write_volume, written_together
     from .schema import load_schema, schema_of_labels
 
-    schema = load_schema(args.schema) if args.schema else schema_of_labels(args.landmarks)
-    landmarks = read_landmarks(args.landmarks, schema)
-    covariance = read_covariance(args.uncertainty, schema) if args.uncertainty else None
-    if args.samples < 10:
-        raise LandmarkError(None, f"--samples {args.samples}: at least 10 are needed")
-    if not args.spacing > 0:
-        raise LandmarkError(None, f"--spacing {args.spacing}: expected a positive voxel size in mm")
-    spec = plane_spec(schema)
-    if args.resample and not spec.ac:
-        raise LandmarkError(schema.source or schema.name, f"schema '{schema.name}' names no AC and PC in its "
-                                                          "'planes', so there is no AC-PC frame to --resample into")
-    image = read_volume(args.resample) if args.resample else None
-    head = head_points_from_image(image) if image is not None else None
-    planes = compute_planes(schema, landmarks, covariance, head, samples=args.samples, seed=args.seed,
-                            source=args.landmarks)
-    if args.resample and planes.acpc is None:
-        raise LandmarkError(args.landmarks, "no AC-PC frame could be computed (see the warnings); nothing written: "
-                                            + "; ".join(planes.warnings))
-    output = Path(args.output)
-    inputs = [args.landmarks, args.uncertainty, args.resample,
-              schema.source if args.schema and Path(schema.source).exists() else None]
-    if output.resolve() in {Path(p).resolve() for p in inputs if p}:
-        raise LandmarkError(output, "--output is an input file; choose a folder")
-    paths = output_paths(output, planes)
-    resampled_path = output / f"{stem(args.resample)}_acpc.nii.gz" if args.resample else None
-    check_outputs([*paths.values(), *([resampled_path] if resampled_path else [])], inputs, args.overwrite)
-    check_writable_dir(output)
-    resampled = resample_acpc(image, planes.acpc, args.spacing) if image is not None else None
-    write_planes(output, planes, overwrite=True, inputs=inputs)  # outputs checked above
-    if resampled is not None:
-        write_volume(resampled, resampled_path)
-    print(summary_text(planes, schema, args.landmarks))
+    if not args.landmarks and not args.image:
+        raise LandmarkError(None, "planes needs --landmarks, --image SCAN or both")
+    for option, value in (("--uncertainty", args.uncertainty), ("--resample", args.resample)):
+        if value and not args.landmarks:
+            raise LandmarkError(value, f"{option} needs --landmarks")
+    if args.resample and not args.output:
+        raise LandmarkError(args.resample, "--resample needs --output (the folder the resampled scan goes into)")
+    image = read_volume(args.image) if args.image else None
+    symmetry = symmetry_plane(image, source=args.image) if image is not None else None
+    planes, schema, scan = None, None, None
+    if args.landmarks:
+        schema = load_schema(args.schema) if args.schema else schema_of_labels(args.landmarks)
+        landmarks = read_landmarks(args.landmarks, schema)
+        covariance = read_covariance(args.uncertainty, schema) if args.uncertainty else None
+        if args.resample and not plane_spec(schema).ac:
+            raise LandmarkError(schema.source or schema.name, f"schema '{schema.name}' names no AC and PC in its "
+                                                              "'planes', so there is no AC-PC frame to --resample into")
+        scan = read_volume(args.resample) if args.resample else image  # its head sizes the fields of view
+        head = head_points_from_image(scan) if scan is not None else None
+        planes = compute_planes(schema, landmarks, covariance, head, samples=args.samples, seed=args.seed,
+                                source=args.landmarks)
+        if args.resample and planes.acpc is None:
+            raise LandmarkError(args.landmarks, "no AC-PC frame could be computed (see the warnings); nothing "
+                                                "written: " + "; ".join(planes.warnings))
+
+    output = Path(args.output) if args.output else None
+    paths, resampled_path = {}, None
+    if output is not None:
+        inputs = [args.landmarks, args.image, args.uncertainty, args.resample,
+                  schema.source if schema is not None and args.schema and Path(schema.source).exists() else None]
+        if output.resolve() in {Path(p).resolve() for p in inputs if p}:
+            raise LandmarkError(output, "--output is an input file; choose a folder")
+        paths = output_paths(output, planes) if planes is not None else {}
+        if symmetry is not None:
+            paths[symmetry.name] = output / f"{symmetry.name}.plane.json"
+        resampled_path = output / f"{stem(args.resample)}_acpc.nii.gz" if args.resample else None
+        check_outputs([*paths.values(), *([resampled_path] if resampled_path else [])], inputs, args.overwrite)
+        check_writable_dir(output)
+        resampled = resample_acpc(scan, planes.acpc, args.spacing) if resampled_path else None
+        with written_together():  # every file lands, or none
+            if planes is not None:
+                write_planes(output, planes, overwrite=True, inputs=inputs)  # outputs checked above
+            if symmetry is not None:
+                atomic_write_text(paths[symmetry.name], json.dumps(symmetry.to_dict(), indent=1) + "\n")
+            if resampled is not None:
+                write_volume(resampled, resampled_path)
+    if planes is not None:
+        print(summary_text(planes, schema, args.landmarks))
+    if symmetry is not None:
+        print(symmetry_text(symmetry, args.image, None if planes is None else planes.planes.get("mid-sagittal")))
     if resampled_path:
         print(f"AC-PC resampled scan: {resampled_path} ({'x'.join(map(str, resampled.GetSize()))} at {args.spacing:g} mm)")
-    print(f"outputs: {output}")
+    if output is not None:
+        print(f"outputs: {output}")
     return 0
+
+
+def symmetry_text(plane: Plane, source="", msp: Plane | None = None) -> str:
+    """The symmetry plane in one line, and how far the landmarks' mid-sagittal plane lies from it."""
+    line = (f"{source}: mid-sagittal plane by symmetry: normal ({', '.join(f'{x:+.3f}' for x in plane.normal)}) "
+            f"through ({', '.join(f'{x:.1f}' for x in plane.centre)}), n . x = {plane.offset_mm:.2f} mm")
+    if msp is not None:
+        angle = math.degrees(math.acos(min(1.0, abs(float(plane.normal @ msp.normal)))))
+        line += (f"\n  the landmarks' mid-sagittal plane lies {angle:.1f} deg and "
+                 f"{abs(plane.distances(msp.centre[None])[0]):.1f} mm (at its centre) from it")
+    return line
 
 
 def summary_text(planes: PlaneSet, schema: Schema, source="") -> str:

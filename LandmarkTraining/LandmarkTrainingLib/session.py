@@ -7,23 +7,27 @@ mode asks for them one after the other in schema order, and whose secondary poin
 
 Planes (``plane``)
     mid-sagittal sub-anatomies: the mid-sagittal plane (MSP): the scan's left-right symmetry plane
-    (symmetry.py), refined from the placed midline points (the schema's mid-sagittal landmarks): through
-    their centroid, and with at least three of them spanning a plane, their robust best-fit plane.
+    (planes.symmetry_plane), refined from the placed midline points (the schema's mid-sagittal landmarks):
+    through their centroid, and with at least three of them spanning a plane, their robust best-fit plane.
     Other sub-anatomies: with at least three placed points spanning a plane, their best-fit plane; else
     the plane the schema expects (annotation.expected_normal: axial and coronal contain the MSP normal,
     sagittal is parallel to the MSP; an oblique sub-anatomy starts axial) through the placed points, or
     through the MSP's centre while none is placed. ``reformat`` shows it in a slice view the way Slicer
-    shows its own axial, sagittal and coronal views (patient right on screen left), turned with the head.
+    shows its own axial, sagittal and coronal views (mrml.reformat_slice), turned with the head.
 
 Placing (``update``, called after every edit; the widget throttles it)
     A primary point the annotator has just placed is projected onto its sub-anatomy's plane computed
     from the points placed before it; the first point of a sub-anatomy that is not mid-sagittal sets the
     plane's level and is not moved (an oblique one's plane needs three points). Secondary points not yet
     placed are put at their fractions of the arc length between their primaries along the boundary
-    curve drawn for the sub-anatomy (annotation.points_between; the curve passing nearest both
-    primaries). Points put there follow the curve and the primaries while the annotator leaves them
-    alone; one the annotator moves is the annotator's. Then the QA (annotation.annotation_qa) fills the
-    QA table node.
+    curve drawn for the sub-anatomy (annotation.place_secondaries: the curve passing nearest both
+    primaries, the one the QA measures their spacing along). Points put there follow the curve and the
+    primaries while the annotator leaves them alone; one the annotator moves is the annotator's. Then the
+    QA (annotation.annotation_qa) fills the QA table node.
+
+Curves loaded with a saved version (``add_curve`` with points) are the polyline the QA measured when it was
+saved: linear, one curve point per control point, so the QA of the loaded annotation is the QA it was
+saved with.
 
 Edits the session makes to placed points (the one-click fix, re-placing secondaries) are ``Edit`` records
 on an undo stack: ``undo`` restores the previous positions exactly. Nothing is changed silently: a fix is
@@ -37,11 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from LandmarkDetectionLib import mrml
-from LandmarkDetectionLib.annotation import (COLUMNS, Curve, Move, _nearest_curve, annotation_qa, assistance_record,
-                                             expected_normal, fix_annotation, points_between, project_to_plane,
-                                             suggestion_order)
+from LandmarkDetectionLib.annotation import (COLUMNS, Curve, Move, annotation_qa, assistance_record, expected_normal,
+                                             fix_annotation, place_secondaries, project_to_plane, suggestion_order)
 from LandmarkDetectionLib.errors import LandmarkError
-from LandmarkDetectionLib.planes import fit_plane, fit_plane_robust, head_axes, plane_spec
+from LandmarkDetectionLib.planes import fit_plane, fit_plane_robust, head_axes, plane_spec, symmetry_plane
 from LandmarkDetectionLib.schema import Schema
 
 from .tables import fill_table
@@ -49,11 +52,6 @@ from .tables import fill_table
 SUB_ANATOMY_ATTRIBUTE = "LandmarkTraining.SubAnatomy"  # on point lists and boundary curves
 SPANS_PLANE = 0.1  # points span a plane when their 2nd singular value is at least this fraction of the 1st
 SAME_MM = 1e-6  # positions closer than this are the same (MRML stores doubles: what is set is read back)
-# Slicer's slice-view presets (vtkMRMLSliceNode::Get{Sagittal,Coronal,Axial}SliceToRASMatrix, patient right
-# on screen left, Slicer 5.6 to main), by the head axis (R, A, S) nearest the plane's normal: the head axes
-# shown to the screen's right, upward and out of it, each as (axis, sign). Sagittal P, S, L; coronal L, S, A;
-# axial L, A, S (a mirror frame, as Slicer's own).
-SLICE_PRESETS = {0: ((1, -1), (2, 1), (0, -1)), 1: ((0, -1), (2, 1), (1, 1)), 2: ((0, -1), (1, 1), (2, 1))}
 
 
 @dataclass
@@ -106,19 +104,6 @@ class ReviewItem:
     sub_anatomy: str
     position: np.ndarray
     max_semi_axis_mm: float
-
-
-def slice_frame(normal: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """(3, 3) columns right, up, normal of a slice view showing the plane with ``normal`` as Slicer shows the
-    preset nearest to it (SLICE_PRESETS), turned with the head (``axes``: rows right, anterior, superior)."""
-    normal = np.asarray(normal, dtype=float) / np.linalg.norm(normal)
-    preset = SLICE_PRESETS[int(np.abs(axes @ normal).argmax())]
-    (r, r_sign), (u, u_sign), (n, n_sign) = preset
-    normal = normal if normal @ axes[n] * n_sign > 0 else -normal
-    right = r_sign * axes[r] - (r_sign * axes[r] @ normal) * normal
-    right /= np.linalg.norm(right)
-    up = u_sign * axes[u] - (u_sign * axes[u] @ normal) * normal - (u_sign * axes[u] @ right) * right
-    return np.stack([right, up / np.linalg.norm(up), normal], axis=1)
 
 
 def _spans_plane(points: np.ndarray) -> bool:
@@ -247,10 +232,10 @@ class AnnotationSession:
         self.symmetry = (np.asarray(centre, dtype=float), normal / np.linalg.norm(normal))
 
     def estimate_symmetry_plane(self) -> tuple[np.ndarray, np.ndarray]:
-        """The scan's left-right symmetry plane (about a second for a brain scan), kept for the session."""
-        from .symmetry import symmetry_plane
-
-        self.set_symmetry_plane(*symmetry_plane(mrml.volume_to_image(self.volume)))
+        """The scan's left-right symmetry plane (planes.symmetry_plane, about a second for a brain scan),
+        kept for the session: (centre, normal)."""
+        plane = symmetry_plane(mrml.volume_to_image(self.volume), source=self.volume.GetName())
+        self.set_symmetry_plane(plane.centre, plane.normal)
         return self.symmetry
 
     def _volume_centre(self) -> np.ndarray:
@@ -280,9 +265,11 @@ class AnnotationSession:
                                f"scan symmetry, through {len(points)} placed midline point(s)")
         return MidSagittal(self.symmetry[0], reference, "scan symmetry")
 
-    def _head_axes(self, coords: np.ndarray, right: np.ndarray) -> np.ndarray:
-        """Rows right, anterior, superior: right from the MSP, anterior from the schema's anterior pair (else
-        PC -> AC) when both are placed, scanner +A otherwise."""
+    def _head_axes(self, coords: np.ndarray) -> np.ndarray:
+        """Rows right, anterior, superior: right from the MSP (scanner +R without one), anterior from the
+        schema's anterior pair (else PC -> AC) when both are placed, scanner +A otherwise."""
+        msp = self.mid_sagittal(coords)
+        right = msp.normal if msp is not None else np.array([1.0, 0.0, 0.0])
         spec = plane_spec(self.schema)
         anterior = np.array([0.0, 1.0, 0.0])
         pair = spec.anterior or ((spec.pc, spec.ac) if spec.ac else None)
@@ -316,29 +303,24 @@ class AnnotationSession:
 
     def plane(self, sub: str | None = None) -> SessionPlane:
         """The plane the sub-anatomy is annotated on (see the module docstring), oriented as a slice view
-        shows it (slice_frame)."""
+        shows it (mrml.slice_frame)."""
         sub = self.schema.sub_anatomy(sub) if sub else self.sub_anatomy
         coords = self.coordinates()
         centre, normal, how, _ = self._plane(sub, coords)
-        msp = self.mid_sagittal(coords)
-        frame = slice_frame(normal, self._head_axes(coords, msp.normal if msp is not None else np.eye(3)[0]))
+        frame = mrml.slice_frame(normal, self._head_axes(coords))
         return SessionPlane(sub.name, sub.plane, np.asarray(centre, dtype=float), frame[:, 2], frame[:, :2].T, how)
 
     def reformat(self, slice_node, sub: str | None = None) -> SessionPlane:
         """Show the sub-anatomy's plane in a slice view (a vtkMRMLSliceNode) the way Slicer shows its own
-        views (patient right on screen left), centred on the plane; returns the plane. (Not
-        mrml.reformat_slice, which puts the patient's right on the screen's right.)"""
+        views, turned with the head, centred on the plane (mrml.reformat_slice); returns the plane."""
         plane = self.plane(sub)
-        matrix = slice_node.GetSliceToRAS()  # set in place, then UpdateMatrices (vtkMRMLSliceNode's documented way)
-        for row in range(3):
-            for column, vector in enumerate((*plane.axes, plane.normal, plane.centre)):
-                matrix.SetElement(row, column, float(vector[row]))
-        slice_node.UpdateMatrices()
+        mrml.reformat_slice(slice_node, plane.centre, plane.normal, self._head_axes(self.coordinates()))
         return plane
 
     # --------------------------------------------------------------------------------------------- curves
-    def add_curve(self, sub: str | None = None, closed: bool = False):
-        """A new, empty boundary curve for a sub-anatomy (draw it with place mode); a sub-anatomy may have
+    def add_curve(self, sub: str | None = None, closed: bool = False, points=None):
+        """A new boundary curve for a sub-anatomy: empty (draw it with place mode), or, with (N, 3) RAS
+        ``points`` (a saved version's), exactly that polyline (mrml.set_curve_points). A sub-anatomy may have
         several (e.g. one per temporal lobe: each pair of primaries uses the curve nearest both)."""
         sub = self.schema.sub_anatomy(sub) if sub else self.sub_anatomy
         count = len(self.curves_of(sub.name)) + 1
@@ -349,6 +331,8 @@ class AnnotationSession:
         node.GetDisplayNode().SetColor(sub.rgb)
         node.SetAttribute(SUB_ANATOMY_ATTRIBUTE, sub.name)
         mrml.place(self.scene, node, self.folder)
+        if points is not None:
+            mrml.set_curve_points(node, points)
         self.curve_nodes.setdefault(sub.name, []).append(node)
         return node
 
@@ -368,27 +352,6 @@ class AnnotationSession:
                     closed = node.IsA("vtkMRMLMarkupsClosedCurveNode")
                     result.setdefault(sub, []).append(Curve(points, closed, node.GetName()))
         return result
-
-    def _on_curves(self, coords: np.ndarray, sub_names) -> dict[int, np.ndarray]:
-        """Where each secondary of the given sub-anatomies belongs on its boundary: {index: position}, for
-        the pairs of placed primaries a drawn curve serves."""
-        curves = self.curves()
-        pairs: dict[tuple[int, int], list[int]] = {}
-        for sub in sub_names:
-            for i in self.schema.indices_of(sub):
-                lm = self.schema.landmarks[i]
-                if lm.between and curves.get(sub):
-                    pair = (self.schema.lookup(lm.between[0]), self.schema.lookup(lm.between[1]))
-                    pairs.setdefault(pair, []).append(i)
-        targets = {}
-        for (a, b), members in pairs.items():
-            if not np.isfinite(coords[[a, b]]).all():
-                continue
-            curve = _nearest_curve(curves[self.schema.landmarks[a].sub_anatomy], coords[a], coords[b])
-            if curve is not None:
-                fractions = [self.schema.landmarks[i].fraction for i in members]
-                targets.update(zip(members, points_between(curve, coords[a], coords[b], fractions)))
-        return targets
 
     # ---------------------------------------------------------------------------------------------- update
     def update(self) -> UpdateReport:
@@ -411,7 +374,7 @@ class AnnotationSession:
                 coords[i] = target
             projected.append((self.schema.names[i], distance))
         placed = []
-        for i, target in self._on_curves(coords, [s.name for s in self.schema.sub_anatomies]).items():
+        for i, target in place_secondaries(self.schema, coords, self.curves()).items():
             if i in self.following and not np.allclose(coords[i], self.following[i], atol=SAME_MM):
                 del self.following[i]  # the annotator moved it: theirs now
             if np.isfinite(coords[i]).all() and i not in self.following:
@@ -454,7 +417,7 @@ class AnnotationSession:
         fraction, including points the annotator moved (undoable)."""
         sub = sub or self.sub_anatomy.name
         coords = self.coordinates()
-        targets = self._on_curves(coords, [sub])
+        targets = place_secondaries(self.schema, coords, self.curves(), [sub])
         if not targets:
             raise LandmarkError(None, f"{sub}: place the primary points and draw the boundary curve through them "
                                       "first")

@@ -1,12 +1,11 @@
-"""What a session reads and writes, through the backend: a dataset version of the annotation (datasets.py,
-never overwriting one) with the model-assistance record beside it, a case's version loaded back for
-editing, a model's detection read as suggestions, and the agreement command's outputs as table nodes.
-MRML only, no Qt."""
+"""What a session reads and writes, through the backend: a dataset version of the whole annotation
+(datasets.py, never overwriting one: landmarks, boundary curves and the model-assistance record), a case's
+version loaded back for editing, a model's detection read as suggestions, and the agreement command's
+outputs as table nodes. MRML only, no Qt."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,20 +15,25 @@ import numpy as np
 
 from LandmarkDetectionLib import datasets, mrml
 from LandmarkDetectionLib.agreement import FILES as AGREEMENT_FILES
+from LandmarkDetectionLib.annotation import assistance_document
 from LandmarkDetectionLib.errors import LandmarkError
-from LandmarkDetectionLib.fileio import atomic_write_text, read_landmarks, read_volume, safe_name
+from LandmarkDetectionLib.fileio import read_landmarks, read_volume, safe_name
 
 from .session import AnnotationSession
 from .tables import table_from_csv
 
 IMAGE_ATTRIBUTE = "LandmarkTraining.Image"  # on a volume node loaded from a dataset: its image file
-ASSISTANCE_SUFFIX = ".assistance.json"  # v<N>.assistance.json beside annotations/<case>/<annotator>/v<N>.mrk.json
 
 
 @dataclass
 class Saved:
     entry: datasets.Entry  # the manifest row of the new version
-    assistance: Path | None  # the model-assistance record, when a model pre-filled the case
+    version: datasets.Version  # the version, with its curves folder and assistance record (or None)
+
+    @property
+    def assistance(self) -> Path | None:
+        """The model-assistance record, when a model pre-filled the case."""
+        return self.version.assistance
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -73,39 +77,24 @@ def _scan_file(volume):
 
 def save_session(session: AnnotationSession, folder: str | Path, annotator: str, status: str = "complete",
                  case: str | None = None) -> Saved:
-    """Save the session's landmarks as the next version of ``annotator``'s annotation of the case (a new
-    case copies the scan in); earlier versions stay. A model-assisted session also writes its assistance
-    record beside the version."""
+    """Save the session's whole annotation as the next version of ``annotator``'s annotation of the case (a
+    new case copies the scan in): its landmarks, its boundary curves and, when a model pre-filled it, the
+    model-assistance record, all together; earlier versions stay."""
     folder = Path(folder)
     _check_schema(folder, session)
     case = case or case_name(session)
     coords = session.coordinates()
+    records = session.assistance()
+    extras = {"curves": session.curves(),
+              "assistance": None if records is None else assistance_document(session.model, records)}
     if case in datasets.list_cases(folder) and _is_case_image(session.volume, folder, case):
-        entry = datasets.save_annotation(folder, case, annotator, coords, status, session.provenance)
+        entry = datasets.save_annotation(folder, case, annotator, coords, status, session.provenance, **extras)
     else:  # a new case, or a scan from elsewhere: add_case checks that it is the case's scan
         with _scan_file(session.volume) as image:
-            entry = datasets.add_case(folder, image, coords, annotator, case, status, session.provenance)
+            entry = datasets.add_case(folder, image, coords, annotator, case, status, session.provenance, **extras)
     session.dataset = (folder, case)
-    return Saved(entry, _write_assistance(session, entry))
-
-
-def assistance_path(entry: datasets.Entry) -> Path:
-    return entry.landmarks.parent / f"v{entry.version}{ASSISTANCE_SUFFIX}"
-
-
-def _write_assistance(session: AnnotationSession, entry: datasets.Entry) -> Path | None:
-    records = session.assistance()
-    if records is None:
-        return None
-    path = assistance_path(entry)
-    if path.exists():
-        raise LandmarkError(path, "already exists; assistance records are never overwritten")
-    counts = {action: sum(r["action"] == action for r in records)
-              for action in ("accepted", "moved", "removed", "added", "missing")}
-    document = {"format": "LandmarkTraining.assistance", "version": 1, "model": session.model,
-                "annotation": entry.landmarks.name, "counts": counts, "landmarks": records}
-    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
-    return path
+    version = next(v for v in datasets.list_versions(folder, case, annotator) if v.number == entry.version)
+    return Saved(entry, version)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -123,19 +112,17 @@ def _case_volume(scene, image: Path, name: str):
 
 
 def load_case(scene, folder: str | Path, case: str, annotator: str, version: int | None = None) -> AnnotationSession:
-    """A session on one saved version (default: the newest) of ``annotator``'s annotation of ``case``, on the
-    case's scan; saving it adds a new version."""
+    """A session on one saved version (default: the newest) of ``annotator``'s annotation of ``case``, with its
+    boundary curves, on the case's scan; saving it adds a new version."""
     folder = Path(folder)
-    schema = datasets.dataset_schema(folder)
-    versions = datasets.list_versions(folder, case, annotator)
-    chosen = versions[-1] if version is None else next((v for v in versions if v.number == version), None)
-    if chosen is None:
-        raise LandmarkError(folder, f"case '{case}' has no version {version} by '{annotator}' (versions: "
-                                    f"{', '.join(str(v.number) for v in versions)})")
-    coords = read_landmarks(chosen.path, schema)
+    stored = datasets.load_annotation(folder, case, annotator, version)
     entry = next(e for e in datasets.read_entries(folder) if e.case == case)
     volume = _case_volume(scene, entry.image, case)
-    session = AnnotationSession(scene, schema, volume, coords, name=f"{case} {annotator} v{chosen.number}")
+    session = AnnotationSession(scene, datasets.dataset_schema(folder), volume, stored.landmarks,
+                                name=f"{case} {annotator} v{stored.version.number}")
+    for sub, curves in stored.curves.items():
+        for curve in curves:
+            session.add_curve(sub, curve.closed, curve.points)
     session.dataset = (folder, case)
     return session
 
