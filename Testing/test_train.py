@@ -220,6 +220,7 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     offsets = np.concatenate(offsets)
     assert np.allclose(model.prior_covariance[7], offsets.T @ offsets / len(offsets), rtol=1e-6)
     assert result.prior_sd_mm == pytest.approx(np.sqrt(np.mean(offsets ** 2)), rel=1e-4)
+    assert result.fused_coverage >= 0.9 and model.metrics["calibration"]["fused_coverage"] == result.fused_coverage
     model.config.uncertainty_scale = 1.0  # a 1-epoch network barely spreads: its fitted scale is not the point here
     model.save(tmp_path / "calibrated.safetensors")
     loaded = load_model(tmp_path / "calibrated.safetensors")

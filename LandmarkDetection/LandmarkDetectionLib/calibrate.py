@@ -65,26 +65,37 @@ def calibrate(model: LandmarkModel, cases: list[Case], device, options: Uncertai
 
 def _fit_prior(model: LandmarkModel, detections, truths, result: Calibration, level: float) -> None:
     """The prior's covariance: the second moment of (truth - prior) in the reference frame, pooled over
-    landmarks (a handful of cases cannot tell landmarks apart reliably); then the fused estimate's error
-    and coverage on the same cases, for the record."""
+    landmarks (a handful of cases cannot tell landmarks apart reliably). The network's covariance scale is
+    then refitted where it is used, in the fusion: the smallest scale whose fused ellipsoids hold the
+    truth a ``level`` fraction of the time on these cases (a larger scale lets the prior weigh more)."""
     residuals = np.concatenate([d.alignment.to_reference(t) - model.prior for d, t in zip(detections, truths)])
     residuals = residuals[np.isfinite(residuals).all(1)]
     if len(residuals) < 3:
         return
     pooled = residuals.T @ residuals / len(residuals)
     model.prior_covariance = np.repeat(pooled[None], len(model.schema), axis=0)
-    network_errors, fused_errors, inside = [], [], []
-    for detection, truth in zip(detections, truths):
-        network = detection.uncertainty
-        prior_mean, prior_covariance = registration_prior(model, detection.alignment)
-        mean, covariance = fuse(network.mean, network.covariance * result.scale, prior_mean, prior_covariance)
-        known = np.isfinite(truth).all(1)
-        network_errors.append(np.linalg.norm(network.mean - truth, axis=1)[known])
-        fused_errors.append(np.linalg.norm(mean - truth, axis=1)[known])
-        inside.append(Uncertainty(mean, covariance, level).covers(truth)[known])
+    priors = [registration_prior(model, d.alignment) for d in detections]
+
+    def fused(scale):
+        errors, inside = [], []
+        for detection, truth, (prior_mean, prior_covariance) in zip(detections, truths, priors):
+            mean, covariance = fuse(detection.uncertainty.mean, detection.uncertainty.covariance * scale, prior_mean,
+                                    prior_covariance)
+            known = np.isfinite(truth).all(1)
+            errors.append(np.linalg.norm(mean - truth, axis=1)[known])
+            inside.append(Uncertainty(mean, covariance, level).covers(truth)[known])
+        return float(np.concatenate(errors).mean()), float(np.concatenate(inside).mean())
+
+    scales = result.scale * np.geomspace(0.1, 10.0, 41)
+    scale = next((s for s in scales if fused(s)[1] >= level), scales[-1])
+    result.scale = float(scale)
+    model.config.uncertainty_scale = result.scale
+    known = [np.isfinite(t).all(1) for t in truths]
     result.prior_sd_mm = float(np.sqrt(np.trace(pooled) / 3))
-    result.network_mre_mm = float(np.concatenate(network_errors).mean())
-    result.fused_mre_mm = float(np.concatenate(fused_errors).mean())
-    result.fused_coverage = float(np.concatenate(inside).mean())
-    model.metrics["calibration"].update(prior_sd_mm=result.prior_sd_mm, network_mre_mm=result.network_mre_mm,
-                                        fused_mre_mm=result.fused_mre_mm, fused_coverage=result.fused_coverage)
+    result.network_mre_mm = float(np.concatenate([np.linalg.norm(d.uncertainty.mean - t, axis=1)[k]
+                                                  for d, t, k in zip(detections, truths, known)]).mean())
+    result.fused_mre_mm, result.fused_coverage = fused(scale)
+    result.coverage_after = result.fused_coverage  # what detection's (fused) ellipsoids now cover
+    model.metrics["calibration"].update(scale=result.scale, coverage_after=result.coverage_after, prior_sd_mm=result.prior_sd_mm,
+                                        network_mre_mm=result.network_mre_mm, fused_mre_mm=result.fused_mre_mm,
+                                        fused_coverage=result.fused_coverage)

@@ -51,7 +51,7 @@ def _sample_manifest(folder: Path) -> Path:
     return folder / "manifest.csv"
 
 
-def calibration_set(folder: Path, count: int = 12, seed: int = 7) -> Path:
+def calibration_set(folder: Path, count: int = 12, seed: int = 7, synthesis: str = "default") -> Path:
     """Scans for calibrating the uncertainty of the generalising recipe, made from the training data only:
     the sample template synthesised as in training (other seeds: new appearance, anatomy, pose) on a
     whole-head grid, then placed at a random head position, with its landmarks."""
@@ -68,7 +68,7 @@ def calibration_set(folder: Path, count: int = 12, seed: int = 7) -> Path:
     source = SourceCase.from_images([image, read_volume(fetch_sample().t2w)], landmarks, SynthesisConfig().classes)
     extent = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
     grid = centered_grid(source.grid.center_ras(), tuple(int(e / 1.5) for e in extent), (1.5, 1.5, 1.5))
-    config = SynthesisConfig.load("default")
+    config = SynthesisConfig.load(synthesis)
     folder.mkdir(parents=True, exist_ok=True)
     for n in range(count):
         rng = np.random.default_rng([seed, n])
