@@ -53,6 +53,28 @@ def test_every_python_file_and_resource_is_listed_in_cmake(module_dir):
             assert str(path.relative_to(module_dir)) in cmake, f"{path} is not listed in {module_dir}/CMakeLists.txt"
 
 
+def _slicer_python_files():
+    return [p for folder in MODULES for p in folder.rglob("*.py") if "__pycache__" not in p.parts]
+
+
+def _unions_in_annotations(tree) -> bool:
+    annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign)) and n.annotation]
+    annotations += [n.returns for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.returns]
+    return any(isinstance(b, ast.BinOp) and isinstance(b.op, ast.BitOr) for a in annotations for b in ast.walk(a))
+
+
+def test_code_slicer_loads_runs_on_python_3_9():
+    """Slicer 5.6 and 5.8 bundle Python 3.9: every file Slicer loads parses as 3.9, and a file that writes
+    ``X | None`` in annotations defers them (``from __future__ import annotations``), or 3.9 fails at import."""
+    files = _slicer_python_files()
+    assert len(files) > 40
+    for path in files:
+        source = path.read_text()
+        tree = ast.parse(source, str(path), feature_version=(3, 9))
+        if _unions_in_annotations(tree):
+            assert "from __future__ import annotations" in source, f"{path}: X | Y annotations need the future import"
+
+
 def test_extension_cmake_names_every_module_and_depends_on_pytorch():
     cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in cmake

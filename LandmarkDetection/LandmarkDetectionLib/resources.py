@@ -1,6 +1,8 @@
 """Where the extension-wide Resources/ folder is, in a source checkout, a pip install or Slicer, and the
 models bundled in it."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
