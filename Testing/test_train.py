@@ -44,6 +44,12 @@ def _weights(path):
         return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("model/")}
 
 
+def _parameters(model_path):
+    """A model file's trained parameters (not BatchNorm's running statistics, which every training-mode
+    pass updates, whatever the learning rate)."""
+    return {k: v.detach().clone() for k, v in load_model(model_path).network.named_parameters()}
+
+
 def _log(folder):
     """log.csv rows without the wall-clock column."""
     return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((folder / "log.csv").open())]
@@ -367,9 +373,83 @@ def test_init_from_starts_from_a_models_weights_and_refuses_a_different_one(tiny
     # lr 0: the fine-tuned model's weights are exactly the ones it started from
     tuned = train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "tuned"), epochs=1, init_from=str(first),
                                **{**TINY_TRAIN, "lr": 0.0, "seed": 5}))
-    source, result = _weights(first), _weights(tuned)
-    assert source.keys() == result.keys() and all(torch.equal(source[k], result[k]) for k in source)
+    source, result = _parameters(first), _parameters(tuned)
+    assert source and source.keys() == result.keys() and all(torch.equal(source[k], result[k]) for k in source)
     assert load_model(tuned).training["init_from"] == "model.safetensors"
     with pytest.raises(Exception, match="differs from the run in network options"):
         train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "other"), epochs=1, init_from=str(first),
                            **{**TINY_TRAIN, "channels": (4, 4, 4)}))
+
+
+def test_fine_tuning_an_aligning_model_keeps_its_reference_frame(tiny_dataset, tmp_path, afids_small, afids32):
+    """--init-from a model that aligns scans first, on a user's dataset whose first case is another scan:
+    the fine-tuned model keeps the source's reference image, region, prior landmarks (and their calibrated
+    covariance) and input grid, takes its architecture and network options as defaults, starts from its
+    weights, detects, and resumes; options that differ from the model are refused."""
+    import SimpleITK as sitk
+
+    from LandmarkDetectionLib.align import landmark_region, make_reference
+    from LandmarkDetectionLib.detect import detect_path
+    from LandmarkDetectionLib.fileio import read_volume
+    from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig
+    from LandmarkDetectionLib.synth import reference_geometry
+    from LandmarkDetectionLib.train import train_command
+    from conftest import moved_copies
+
+    # The source: a tiny aligning model in the reference frame of one scan, as _synthesis_setup makes it (its
+    # weights untrained: training it would only cost time), "calibrated": a prior covariance and a scale.
+    first = read_landmarks(tiny_dataset / "case00.mrk.json", afids32)
+    reference = make_reference(read_volume(tiny_dataset / "case00.nii.gz"))
+    network = {"channels": [4, 4, 8], "blocks_per_stage": 1, "dropout": 0.1}
+    config = ModelConfig("highres3dnet", network, reference_geometry(first, (6.0, 6.0, 6.0)), sigma_mm=12.0,
+                         uncertainty_scale=2.5)
+    torch.manual_seed(3)
+    source = LandmarkModel.create(config, afids32, reference, landmark_region(reference, first), first)
+    source.prior_covariance = np.repeat(np.diag([4.0, 9.0, 16.0])[None], 32, axis=0)
+    source.save(tmp_path / "source.safetensors")
+    source = load_model(tmp_path / "source.safetensors")
+
+    # The user's dataset: the template at other head positions (another seed), so its first case is not
+    # the scan the source's reference frame was made from.
+    image, landmarks = afids_small
+    user = tmp_path / "user"
+    moved_copies(image, landmarks, afids32, user, 1, seed=7, prefix="user")
+    # Only the data, the model and the training loop are given: architecture, network options, input grid,
+    # sigma and --synthesis come from the model. lr 0 and another seed: the weights stay the source's.
+    given = dict(dataset=str(user), output=str(tmp_path / "tuned"), init_from=str(tmp_path / "source.safetensors"),
+                 epochs=1, lr=0.0, seed=5, samples_per_epoch=2, progress="none")
+    tuned_path = train_command(dict(given))
+    tuned = load_model(tuned_path)
+
+    for ours, theirs in ((tuned.reference, source.reference), (tuned.region, source.region)):
+        assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs))
+        assert (ours.GetOrigin(), ours.GetSpacing(), ours.GetDirection()) == \
+               (theirs.GetOrigin(), theirs.GetSpacing(), theirs.GetDirection())
+    assert np.array_equal(tuned.prior, source.prior)
+    assert not np.allclose(tuned.prior, read_landmarks(user / "user00.mrk.json", afids32), atol=1.0)  # not rebuilt
+    assert np.array_equal(tuned.prior_covariance, source.prior_covariance)  # kept (train._init_from says why)
+    assert tuned.config.geometry == source.config.geometry and tuned.config.uncertainty_scale == 1.0
+    assert (tuned.config.architecture, tuned.config.network) == (source.config.architecture, source.config.network)
+    assert tuned.training["init_from"] == "source.safetensors"
+    start, end = _parameters(tmp_path / "source.safetensors"), _parameters(tuned_path)
+    assert start and start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+
+    detection = detect_path(tuned, tiny_dataset / "case03.nii.gz", "cpu")
+    assert detection.alignment is not None and detection.alignment.similarity > 0.15
+    assert detection.landmarks_ras.shape == (32, 3) and np.isfinite(detection.landmarks_ras).all()
+
+    # --resume takes the stored options (the model's, recorded at the start) and the same reference frame.
+    assert read_checkpoint(tmp_path / "tuned" / "checkpoint.safetensors")["options"]["synthesis"] == "default"
+    assert train_command({"output": str(tmp_path / "tuned"), "resume": True, "epochs": 2, "progress": "none"}) \
+        == tuned_path
+    assert len(_log(tmp_path / "tuned")) == 2
+    resumed = load_model(tuned_path)
+    assert np.array_equal(resumed.prior, source.prior) and resumed.config.geometry == source.config.geometry
+
+    # Options given explicitly must be the model's: one line naming the model file and what differs.
+    for changed, named in (({"channels": (8, 8, 8), "spacing": (5.0, 5.0, 5.0)}, "network options, input spacing"),
+                           ({"synthesis": ""}, "aligns scans first")):
+        with pytest.raises(LandmarkError, match=f"source.safetensors.*differs from the run in {named};") as error:
+            train_command({**given, "output": str(tmp_path / "refused"), **changed})
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "refused").exists()

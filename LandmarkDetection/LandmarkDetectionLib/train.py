@@ -18,6 +18,13 @@ so the outputs equal an uninterrupted run's.
 --recipe NAME gives a new run the options of recipes.RECIPES[NAME] as defaults; options given on the
 command line win, and the recipe's name is recorded in the model. (--resume keeps the stored options.)
 
+--init-from MODEL fine-tunes MODEL (cases a clinician corrected improve it): the run starts from its weights,
+and a new run takes its architecture, network options, input grid (--size, --spacing), --sigma-mm and, for
+a model that aligns scans first, --synthesis as defaults (over a --recipe's); options given that differ
+from the model are refused. A model that aligns scans first keeps its reference frame: the reference
+image, landmark region, prior landmarks (and their calibrated covariance) and the input grid are the
+model's, and every training case, the first included, is aligned to that reference.
+
 --resume continues with the options stored in the checkpoint: ``--output DIR --resume`` is enough.
 Options given again must equal the stored ones (checkpoint.FIXED_ON_RESUME), except --epochs,
 --patience, --workers, --no-amp, --device, --progress and the dataset's path; the dataset's contents
@@ -57,6 +64,7 @@ from .fileio import atomic_write_bytes, atomic_write_text, check_writable_dir, r
 from .losses import LOSSES
 from .metrics import radial_errors, summarize
 from .modelfile import LandmarkModel, ModelConfig, check_config, load_model
+from .modelheader import read_header
 from .models import architecture_class
 from .preprocess import InputGeometry
 from .runtime import Progress, pick_device
@@ -105,7 +113,7 @@ class TrainOptions:
     # cases in a reference frame; the model carries the reference and aligns every scan to it first.
     synthesis: str = ""  # "" = off, "default", or a synthesis JSON file
     samples_per_epoch: int = 100  # with synthesis
-    init_from: str = ""  # fine-tune: start from this model's weights (same schema, architecture and options)
+    init_from: str = ""  # fine-tune: start from this model's weights and (aligning models) reference frame
     recipe: str = ""  # the recipes.RECIPES entry whose options a command-line run took as defaults (recorded)
     resume: bool = False
     progress: str = "bar"
@@ -137,7 +145,7 @@ def train_command(given: dict) -> Path:
     """The ``train`` command, with the TrainOptions named on its command line (``given``). A new run takes
     the others from TrainOptions' defaults (channels: the architecture's); --resume takes them from the
     checkpoint. The folder is locked first, so a busy folder is refused before anything else is said."""
-    given = _with_recipe(given)
+    given = _with_recipe(_with_source_model(given))
     _check_values(given)  # before the folder is made; stored values were checked when they were given
     with _output_lock(given["output"]):
         return _run(_command_line_options(dict(given)))
@@ -154,6 +162,29 @@ def _with_recipe(given: dict) -> dict:
     if name not in RECIPES:
         raise LandmarkError(None, f"--recipe {name}: no such recipe; recipes are {', '.join(RECIPES)}")
     return {**RECIPES[name], **given}
+
+
+def _with_source_model(given: dict) -> dict:
+    """A new fine-tune run's options: those that make the --init-from model (architecture, network options,
+    input grid, heatmap sigma, and --synthesis for a model that aligns scans first) under the ones given.
+    They win over a --recipe's (_with_recipe adds those below); options given that differ from the model
+    are refused by _check_source. A resumed run keeps its stored options."""
+    path = given.get("init_from")
+    if not path or given.get("resume"):
+        return given
+    header = read_header(path)
+    try:
+        config = ModelConfig.from_dict(header.config)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise LandmarkError(path, f"model metadata is damaged ({error})") from None
+    fields = TrainOptions.__dataclass_fields__
+    model = {name: tuple(value) if isinstance(value, list) else value
+             for name, value in config.network.items() if name in fields}
+    model.update(architecture=config.architecture, size=config.geometry.size, spacing=config.geometry.spacing,
+                 sigma_mm=config.sigma_mm)
+    if "reference" in header.metadata:  # the model aligns scans first: so does its fine-tuning
+        model["synthesis"] = "default"
+    return {**model, **given}
 
 
 def _command_line_options(given: dict) -> TrainOptions:
@@ -386,8 +417,12 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
 
+    source = None
+    if options.init_from:  # checked before the (slow) alignment of the training cases
+        source = load_model(options.init_from)
+        _check_source(source, options, schema)
     if options.synthesis:
-        model, train_set, val_set = _synthesis_setup(options, schema, splits)
+        model, train_set, val_set = _synthesis_setup(options, schema, splits, source)
     else:
         config = options.model_config()
         torch.manual_seed(options.seed)
@@ -398,8 +433,8 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output
             augmentation = load_policies(options.augment)
         train_set = LandmarkDataset(splits["train"], schema, config.geometry, augmentation, options.seed)
         val_set = LandmarkDataset(splits["val"] or splits["train"], schema, config.geometry)
-    if options.init_from:
-        _init_from(model, options.init_from)
+    if source is not None:
+        _init_from(model, source)
     voxels = math.prod(model.config.geometry.size)
     if main and device.type == "cpu" and options.architecture == "highres3dnet" and voxels > CPU_VOXEL_LIMIT:
         print(f"warning: an input grid of {'x'.join(map(str, model.config.geometry.size))} voxels "
@@ -519,22 +554,27 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: flo
                          + (" (best)" if improved else ""))
 
 
-def _synthesis_setup(options: TrainOptions, schema, splits):
+def _synthesis_setup(options: TrainOptions, schema, splits, source: LandmarkModel | None = None):
     """The generalising recipe: the first training case is the reference frame (its 3 mm copy and the
     landmark region go into the model file); every case is aligned to it, split into tissue classes, and
     drawn from by synth.py. Validation: a fixed set of synthetic samples from the validation cases (or,
-    with one case, from the training case with other seeds)."""
+    with one case, from the training case with other seeds). Fine-tuning a model that aligns scans first
+    (``source``): its reference, region, prior landmarks and input grid instead, and every case is aligned."""
     from .align import align, landmark_region, make_reference
     from .fileio import read_volume
     from .synth import SourceCase, SynthesisConfig, SynthesisDataset, reference_geometry
 
     synthesis = SynthesisConfig.load(options.synthesis)
-    first = splits["train"][0]
-    first_image = read_volume(first.image)
-    first_landmarks = read_landmarks(first.landmarks, schema)
-    reference = make_reference(first_image)
-    region = landmark_region(reference, first_landmarks)
-    geometry = reference_geometry(first_landmarks, options.spacing)
+    if source is not None:  # it aligns scans first (_check_source): the frame its network was trained in
+        first = first_image = None
+        reference, region, prior, geometry = source.reference, source.region, source.prior, source.config.geometry
+    else:
+        first = splits["train"][0]
+        first_image = read_volume(first.image)
+        prior = read_landmarks(first.landmarks, schema)
+        reference = make_reference(first_image)
+        region = landmark_region(reference, prior)
+        geometry = reference_geometry(prior, options.spacing)
 
     def sources(cases):
         result = []
@@ -551,7 +591,7 @@ def _synthesis_setup(options: TrainOptions, schema, splits):
     torch.manual_seed(options.seed)
     # The reference's landmarks: where the alignment alone puts each landmark (the registration prior,
     # whose spread ``calibrate`` measures).
-    model = LandmarkModel.create(options.model_config(geometry), schema, reference, region, first_landmarks)
+    model = LandmarkModel.create(options.model_config(geometry), schema, reference, region, prior)
     mirror = schema.mirror_indices()
     train_set = SynthesisDataset(train_sources, geometry, mirror, synthesis, options.seed, options.samples_per_epoch)
     val_set = SynthesisDataset(val_sources, geometry, mirror, synthesis, options.seed + 1_000_003,
@@ -559,23 +599,36 @@ def _synthesis_setup(options: TrainOptions, schema, splits):
     return model, train_set, val_set
 
 
-def _init_from(model: LandmarkModel, path: str) -> None:
-    """Fine-tuning: the new run starts from another model's weights (corrected cases improve a model).
-    Schema, architecture, network options and input grid must match, and a model that aligns scans first
-    (a synthesis run) fine-tunes only a run that aligns too (to the reference this run builds)."""
-    source = load_model(path)
-    mismatches = [name for name, ours, theirs in (
-        ("schema landmarks", model.schema.names, source.schema.names),
-        ("architecture", model.config.architecture, source.config.architecture),
-        ("network options", model.config.network, source.config.network),
-        ("input size", list(model.config.geometry.size), list(source.config.geometry.size)),
-        ("input spacing", list(model.config.geometry.spacing), list(source.config.geometry.spacing)),
-        ("aligns scans first", model.reference is None, source.reference is None)) if ours != theirs]
+def _check_source(source: LandmarkModel, options: TrainOptions, schema) -> None:
+    """Fine-tuning needs the run's schema, architecture, network options and input grid to be the
+    --init-from model's, and a model that aligns scans first fine-tunes only in a run that aligns too
+    (--synthesis). A synthesis run takes the model's whole grid; its own --size is unused, as always."""
+    aligns = source.reference is not None
+    geometry = source.config.geometry
+    compared = [("schema landmarks", schema.names, source.schema.names),
+                ("architecture", options.architecture, source.config.architecture),
+                ("network options", options.model_config().network, source.config.network),
+                ("input spacing", [float(s) for s in options.spacing], list(geometry.spacing)),
+                ("aligns scans first", bool(options.synthesis), aligns)]
+    if not aligns:
+        compared.append(("input size", list(options.size), list(geometry.size)))
+    mismatches = [name for name, ours, theirs in compared if ours != theirs]
     if mismatches:
-        raise LandmarkError(path, f"--init-from: this model differs from the run in {', '.join(mismatches)}; "
-                                  "train with its options (landmark-detection info shows them)")
+        raise LandmarkError(options.init_from, f"--init-from: this model differs from the run in "
+                                               f"{', '.join(mismatches)}; leave those options out to take the "
+                                               "model's (landmark-detection info shows them)")
+
+
+def _init_from(model: LandmarkModel, source: LandmarkModel) -> None:
+    """Fine-tuning: the new run starts from the source model's weights (corrected cases improve a model)."""
     model.network.load_state_dict(source.network.state_dict())
-    model.config.uncertainty_scale = 1.0  # a fine-tuned model is calibrated again
+    model.config.uncertainty_scale = 1.0  # the network changes, so its uncertainty is calibrated again
+    # The prior's covariance is kept: it is the spread of true landmarks around the prior landmarks after
+    # alignment to the reference, measured by the source's calibration. Reference, region and prior are the
+    # source's (_synthesis_setup), so the alignment and that spread do not change when the network does;
+    # dropping it would turn off the fusion with the prior until the user calibrates again (which measures
+    # both anew). Models that do not align scans have neither.
+    model.prior_covariance = source.prior_covariance
 
 
 def _validate(model: LandmarkModel, dataset, device) -> dict:
