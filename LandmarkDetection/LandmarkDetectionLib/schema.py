@@ -27,6 +27,7 @@ class SubAnatomy:
     color: str
     guideline: str
     plane_definition: str = ""
+    reference_rule: str = ""  # how the shipped reference annotation placed its points (rule or judgement)
 
     @property
     def rgb(self) -> tuple[float, float, float]:
@@ -179,11 +180,16 @@ class Schema:
                 d["mirror"] = lm.mirror
             return d
 
+        def sub_anatomy(s: SubAnatomy) -> dict:
+            d = {"name": s.name, "plane": s.plane, "color": s.color, "guideline": s.guideline,
+                 "plane_definition": s.plane_definition}
+            if s.reference_rule:
+                d["reference_rule"] = s.reference_rule
+            return d
+
         d = {
             "format": "landmark-schema", "version": 1, "name": self.name, "description": self.description,
-            "sub_anatomies": [
-                {"name": s.name, "plane": s.plane, "color": s.color, "guideline": s.guideline,
-                 "plane_definition": s.plane_definition} for s in self.sub_anatomies],
+            "sub_anatomies": [sub_anatomy(s) for s in self.sub_anatomies],
             "landmarks": [landmark(lm) for lm in self.landmarks],
         }
         if self.planes is not None:
@@ -265,7 +271,10 @@ def _schema_from_dict(data: dict, source: str) -> Schema:
         color = s.get("color", "#ffffff")
         if not _COLOR.match(str(color)):
             fail(f"sub-anatomy '{s['name']}' has colour {color!r}; expected #rrggbb")
-        subs.append(SubAnatomy(s["name"], s["plane"], color, s.get("guideline", ""), s.get("plane_definition", "")))
+        rule = s.get("reference_rule", "")
+        if not isinstance(rule, str):
+            fail(f"sub-anatomy '{s['name']}' has a 'reference_rule' that is not text")
+        subs.append(SubAnatomy(s["name"], s["plane"], color, s.get("guideline", ""), s.get("plane_definition", ""), rule))
     sub_names = [s.name for s in subs]
     if len(set(sub_names)) != len(sub_names):
         fail(f"duplicate sub-anatomy names: {_duplicates(sub_names)}")
