@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import chi2
 
 from .data import Case, read_case
 from .detect import UncertaintyOptions, detect_volume, registration_prior
@@ -34,11 +35,9 @@ def calibrate(model: LandmarkModel, cases: list[Case], device, options: Uncertai
     cases' landmarks lie from where the alignment alone puts them: ``model.prior_covariance``, which
     detection fuses with the network's estimate. Both describe the network and the prior separately, so
     each is fitted without the other."""
-    from scipy.stats import chi2
-
     if options.passes < 2:
         raise ValueError("--uncertainty must be at least 2 passes to calibrate")
-    model.config.uncertainty_scale = 1.0
+    model.config.uncertainty_scale = model.config.fused_scale = 1.0
     model.prior_covariance = None  # the network alone first
     detections, truths = [], []
     progress = progress or Progress("none")
@@ -65,37 +64,30 @@ def calibrate(model: LandmarkModel, cases: list[Case], device, options: Uncertai
 
 def _fit_prior(model: LandmarkModel, detections, truths, result: Calibration, level: float) -> None:
     """The prior's covariance: the second moment of (truth - prior) in the reference frame, pooled over
-    landmarks (a handful of cases cannot tell landmarks apart reliably). The network's covariance scale is
-    then refitted where it is used, in the fusion: the smallest scale whose fused ellipsoids hold the
-    truth a ``level`` fraction of the time on these cases (a larger scale lets the prior weigh more)."""
+    landmarks (a handful of cases cannot tell landmarks apart reliably). The fused ellipsoids then get
+    their own factor (``fused_scale``): the network's spread weighs it against the prior, but need not
+    describe the combination's error as well."""
     residuals = np.concatenate([d.alignment.to_reference(t) - model.prior for d, t in zip(detections, truths)])
     residuals = residuals[np.isfinite(residuals).all(1)]
     if len(residuals) < 3:
         return
     pooled = residuals.T @ residuals / len(residuals)
     model.prior_covariance = np.repeat(pooled[None], len(model.schema), axis=0)
-    priors = [registration_prior(model, d.alignment) for d in detections]
-
-    def fused(scale):
-        errors, inside = [], []
-        for detection, truth, (prior_mean, prior_covariance) in zip(detections, truths, priors):
-            mean, covariance = fuse(detection.uncertainty.mean, detection.uncertainty.covariance * scale, prior_mean,
-                                    prior_covariance)
-            known = np.isfinite(truth).all(1)
-            errors.append(np.linalg.norm(mean - truth, axis=1)[known])
-            inside.append(Uncertainty(mean, covariance, level).covers(truth)[known])
-        return float(np.concatenate(errors).mean()), float(np.concatenate(inside).mean())
-
-    scales = result.scale * np.geomspace(0.1, 10.0, 41)
-    scale = next((s for s in scales if fused(s)[1] >= level), scales[-1])
-    result.scale = float(scale)
-    model.config.uncertainty_scale = result.scale
-    known = [np.isfinite(t).all(1) for t in truths]
+    network_errors, fused_errors, distances = [], [], []
+    for detection, truth in zip(detections, truths):
+        network = detection.uncertainty
+        mean, covariance = fuse(network.mean, network.covariance * result.scale,
+                                *registration_prior(model, detection.alignment))
+        known = np.isfinite(truth).all(1)
+        network_errors.append(np.linalg.norm(network.mean - truth, axis=1)[known])
+        fused_errors.append(np.linalg.norm(mean - truth, axis=1)[known])
+        distances.append(Uncertainty(mean, covariance, level).mahalanobis_squared(truth)[known])
+    distances = np.concatenate(distances)
+    model.config.fused_scale = fit_scale(distances, level)
     result.prior_sd_mm = float(np.sqrt(np.trace(pooled) / 3))
-    result.network_mre_mm = float(np.concatenate([np.linalg.norm(d.uncertainty.mean - t, axis=1)[k]
-                                                  for d, t, k in zip(detections, truths, known)]).mean())
-    result.fused_mre_mm, result.fused_coverage = fused(scale)
-    result.coverage_after = result.fused_coverage  # what detection's (fused) ellipsoids now cover
-    model.metrics["calibration"].update(scale=result.scale, coverage_after=result.coverage_after, prior_sd_mm=result.prior_sd_mm,
+    result.network_mre_mm = float(np.concatenate(network_errors).mean())
+    result.fused_mre_mm = float(np.concatenate(fused_errors).mean())
+    result.fused_coverage = float((distances / model.config.fused_scale <= chi2.ppf(level, 3)).mean())
+    model.metrics["calibration"].update(fused_scale=model.config.fused_scale, prior_sd_mm=result.prior_sd_mm,
                                         network_mre_mm=result.network_mre_mm, fused_mre_mm=result.fused_mre_mm,
                                         fused_coverage=result.fused_coverage)

@@ -106,7 +106,7 @@ def sample_passes(model: LandmarkModel, prepared: ModelInput, device, options: U
     if prior is None:
         return result
     mean, covariance = fuse(result.mean, result.covariance, *prior)
-    return Uncertainty(mean, covariance, options.level, samples)
+    return Uncertainty(mean, covariance * model.config.fused_scale, options.level, samples)
 
 
 def registration_prior(model: LandmarkModel, alignment: Alignment | None):

@@ -37,15 +37,19 @@ class ModelConfig:
     geometry: InputGeometry = field(default_factory=InputGeometry)
     sigma_mm: float = 3.0  # width of the Gaussian heatmap target of the Mixed loss
     uncertainty_scale: float = 1.0  # covariance recalibration factor fitted by `calibrate`
+    # With a registration prior: the network's scaled covariance weighs it against the prior, and this
+    # factor, also fitted by `calibrate`, recalibrates the fused ellipsoids.
+    fused_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, "network": self.network, "geometry": self.geometry.to_dict(),
-                "sigma_mm": self.sigma_mm, "uncertainty_scale": self.uncertainty_scale}
+                "sigma_mm": self.sigma_mm, "uncertainty_scale": self.uncertainty_scale, "fused_scale": self.fused_scale}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return cls(data["architecture"], dict(data.get("network", {})), InputGeometry.from_dict(data["geometry"]),
-                   float(data.get("sigma_mm", 3.0)), float(data.get("uncertainty_scale", 1.0)))
+                   float(data.get("sigma_mm", 3.0)), float(data.get("uncertainty_scale", 1.0)),
+                   float(data.get("fused_scale", 1.0)))
 
 
 @dataclass
@@ -124,7 +128,8 @@ def check_config(config: ModelConfig) -> None:
         raise ValueError(f"intensity percentiles {[low, high]}")
     if geometry.center_ras is not None and not (len(geometry.center_ras) == 3 and np.isfinite(geometry.center_ras).all()):
         raise ValueError(f"grid centre {geometry.center_ras}")
-    for name, value in (("sigma_mm", config.sigma_mm), ("uncertainty_scale", config.uncertainty_scale)):
+    for name, value in (("sigma_mm", config.sigma_mm), ("uncertainty_scale", config.uncertainty_scale),
+                        ("fused_scale", config.fused_scale)):
         if not (np.isfinite(value) and 0 < value <= 1e6):
             raise ValueError(f"{name} {value}")
     defaults = architecture_class(config.architecture).default_options
