@@ -22,6 +22,7 @@ from slicer.util import VTKObservationMixin
 
 SAMPLE_NAME = "MNI152NLin2009cAsym_AFIDs"
 OTHER_MODEL = "Other file..."  # the model list's last item: any model file, chosen by path
+PATH_DELAY_MS = 800  # the models-folder field is read once typing pauses
 
 
 class LandmarkDetection(ScriptedLoadableModule):
@@ -109,8 +110,10 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNodeGuiTag = None
         self._job = None
         self._timer = None
+        self._modelsFolderTimer = None
         self._results = None
         self._models = []  # training.ModelEntry of the model list, in its order (then OTHER_MODEL)
+        self._modelShown = None  # the parameter node's modelPath the model list shows (or the GUI wrote)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -119,6 +122,10 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LandmarkDetectionLogic()
+
+        from LandmarkDetectionAppLib.gui import single_shot_timer
+
+        self._modelsFolderTimer = single_shot_timer(PATH_DELAY_MS, self.onModelsFolderChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
@@ -129,28 +136,35 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onTableClicked)
         self.ui.reformatButton.connect("clicked(bool)", self.onReformat)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
-        self.ui.modelsFolderLineEdit.connect("currentPathChanged(QString)", self.onModelsFolderChanged)
-        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        # A ctkPathLineEdit says currentPathChanged only for acceptable text, never when it is emptied:
+        # validInputChanged too, and the fields are read again before they are used.
+        for signal in ("currentPathChanged(QString)", "validInputChanged(bool)"):
+            self.ui.modelPathLineEdit.connect(signal, self.onModelPathChanged)
+            self.ui.modelsFolderLineEdit.connect(signal, self.onModelsFolderEdited)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.onModelsFolderChanged)
         self.refreshModels()
+        self.showModelsFolder()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """The widget goes away (module reload, Slicer closing): nothing of it may run afterwards."""
+        for timer in (self._timer, self._modelsFolderTimer):
+            if timer is not None:
+                timer.stop()
         if self._job is not None:
-            self._job.cancel()
+            self._job.abandon()
+            self._job = None
+        self.setParameterNode(None)
         self.removeObservers()
 
     def enter(self) -> None:
         self.refreshModels()  # a model trained or installed meanwhile appears
+        self.showModelsFolder()
         self.initializeParameterNode()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
-
     def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:
+            self._job.cancel()  # its results would go to a volume the close removes
         self.setParameterNode(None)
         self._results = None
         self.ui.planeComboBox.clear()
@@ -161,100 +175,135 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        from LandmarkDetectionLib.mrml import first_scalar_volume
+
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            first = first_scalar_volume(slicer.mrmlScene)
             if first:
                 self._parameterNode.inputVolume = first
 
     def setParameterNode(self, inputParameterNode) -> None:
+        """Connect the GUI to a parameter node once, and again only when the node changes (entering the
+        module gives a new wrapper of the same node: connecting it would leak an observer before 5.12)."""
+        from LandmarkDetectionAppLib.gui import connect_parameters, same_parameter_node
+
+        if same_parameter_node(inputParameterNode, self._parameterNode):
+            return
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
         self._parameterNode = inputParameterNode
+        self._parameterNodeGuiTag = None
+        self._modelShown = None
         if self._parameterNode:
-            from LandmarkDetectionAppLib.gui import connect_parameters
-
             self._parameterNodeGuiTag = connect_parameters(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanDetect)
             self._checkCanDetect()
 
-    # -- the model list: the bundled models, then the models folder's (training.available_models), then
-    # OTHER_MODEL with the path line edit. The parameter node's modelPath is the chosen file ("" for the
-    # default bundled model, so a saved scene does not name this installation's folder).
-    def refreshModels(self) -> None:
-        from LandmarkDetectionAppLib.training import available_models, models_folder
+    # -- the models folder: a user setting (training.models_folder), shown in its field, read from it once
+    # typing pauses (or on Refresh); the field is written only when it does not already name the folder.
+    def showModelsFolder(self) -> None:
+        from LandmarkDetectionAppLib.training import models_folder, models_folder_of
 
         folder = models_folder(slicer.app.userSettings())
-        self._models = available_models(folder)
-        combo = self.ui.modelComboBox
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for index, entry in enumerate(self._models):
-            combo.addItem(entry.name if entry.usable else f"{entry.name} (unusable)")
-            combo.setItemData(index, entry.description or f"{entry.path}: {entry.problem}", qt.Qt.ToolTipRole)
-        combo.addItem(OTHER_MODEL)
-        combo.setItemData(len(self._models), "A .safetensors model file anywhere, chosen below.", qt.Qt.ToolTipRole)
-        combo.blockSignals(wasBlocked)
-        wasBlocked = self.ui.modelsFolderLineEdit.blockSignals(True)
-        self.ui.modelsFolderLineEdit.currentPath = str(folder)
-        self.ui.modelsFolderLineEdit.blockSignals(wasBlocked)
-        self._checkCanDetect()
+        field = self.ui.modelsFolderLineEdit
+        if models_folder_of(field.currentPath) != folder:
+            wasBlocked = field.blockSignals(True)
+            field.currentPath = str(folder)
+            field.blockSignals(wasBlocked)
 
-    def onModelsFolderChanged(self, path: str) -> None:
-        """Remember the chosen folder in the user's settings (empty: the default) and list its models."""
-        from LandmarkDetectionAppLib.training import MODELS_FOLDER_KEY
+    def onModelsFolderEdited(self, *_) -> None:
+        self._modelsFolderTimer.start()  # restarts: read once typing pauses
 
-        if path and not Path(path).is_dir():
-            return  # still being typed
-        settings = slicer.app.userSettings()
-        if path:
-            settings.setValue(MODELS_FOLDER_KEY, path)
-        else:
-            settings.remove(MODELS_FOLDER_KEY)
+    def onModelsFolderChanged(self, *_) -> None:
+        """Remember the folder the field names (empty: the default) and list its models; a folder that does
+        not exist (yet) changes nothing."""
+        from LandmarkDetectionAppLib.training import models_folder_of, set_models_folder
+
+        self._modelsFolderTimer.stop()
+        text = self.ui.modelsFolderLineEdit.currentPath
+        if models_folder_of(text).is_dir() or not text.strip():
+            set_models_folder(slicer.app.userSettings(), text)
         self.refreshModels()
+
+    # -- the model list: the bundled models, then the models folder's (training.available_models), then
+    # OTHER_MODEL with the path line edit. The parameter node's modelPath is the chosen file ("" for the
+    # default bundled model, so a saved scene does not name this installation's folder); "Other file..."
+    # without a file leaves it as it was, and Detect says to choose a file.
+    def refreshModels(self) -> None:
+        from LandmarkDetectionAppLib.gui import report_errors
+        from LandmarkDetectionAppLib.training import available_models, models_folder
+
+        with report_errors("Could not list the models"):
+            self._models = available_models(models_folder(slicer.app.userSettings()))
+            combo = self.ui.modelComboBox
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for index, entry in enumerate(self._models):
+                combo.addItem(entry.name if entry.usable else f"{entry.name} (unusable)")
+                combo.setItemData(index, entry.description or f"{entry.path}: {entry.problem}", qt.Qt.ToolTipRole)
+            combo.addItem(OTHER_MODEL)
+            combo.setItemData(len(self._models), "A .safetensors model file anywhere, chosen below.",
+                              qt.Qt.ToolTipRole)
+            combo.blockSignals(wasBlocked)
+            self._modelShown = None  # the list changed: show the parameter node's model in it again
+            self._checkCanDetect()
 
     @staticmethod
     def _modelValue(entry) -> str:
-        from LandmarkDetectionLib.resources import bundled_model_path
-
-        return "" if entry.path.resolve() == bundled_model_path().resolve() else str(entry.path)
+        return "" if entry.default else str(entry.path)
 
     def _modelIndex(self, path: str):
         """The list index of the model file ``path`` ("" = the default bundled model), or None."""
-        from LandmarkDetectionLib.resources import bundled_model_path
-
-        target = (Path(path) if path else bundled_model_path()).resolve()
+        if not path:
+            return next((i for i, entry in enumerate(self._models) if entry.default), None)
+        target = Path(path).resolve()
         return next((i for i, entry in enumerate(self._models) if entry.path.resolve() == target), None)
 
-    def onModelChosen(self, index: int) -> None:
-        if not self._parameterNode or index < 0:
-            return
-        other = index == len(self._models)
-        value = self.ui.modelPathLineEdit.currentPath if other else self._modelValue(self._models[index])
-        self.ui.modelPathLineEdit.visible = other
-        if self._parameterNode.modelPath != value:
-            self._parameterNode.modelPath = value
-        else:
-            self._checkCanDetect()
+    def _otherChosen(self) -> bool:
+        return self.ui.modelComboBox.currentIndex == len(self._models)
 
-    def onModelPathChanged(self, path: str) -> None:
-        otherChosen = self.ui.modelComboBox.currentIndex == len(self._models)
-        if self._parameterNode and otherChosen and self._parameterNode.modelPath != path:
-            self._parameterNode.modelPath = path
+    def _useModel(self, value) -> None:
+        """The GUI's choice into the parameter node: a path, "" (the default bundled model), or None
+        ("Other file..." without a file: the node is left as it is, and Detect says to choose a file)."""
+        if self._parameterNode is None:
+            return
+        if value is not None:
+            self._modelShown = value
+            if self._parameterNode.modelPath != value:
+                self._parameterNode.modelPath = value  # _checkCanDetect follows: it observes the node
+                return
+        self._checkCanDetect()
+
+    def onModelChosen(self, index: int) -> None:
+        if index < 0:
+            return
+        self.ui.modelPathLineEdit.visible = self._otherChosen()
+        if self._otherChosen():
+            self.onModelPathChanged()
+        else:
+            self._useModel(self._modelValue(self._models[index]))
+
+    def onModelPathChanged(self, *_) -> None:
+        if self._otherChosen():
+            self._useModel(self.ui.modelPathLineEdit.currentPath.strip() or None)
 
     def _showModel(self) -> None:
-        """Show the parameter node's model: its list item, else OTHER_MODEL with its path."""
-        combo, other = self.ui.modelComboBox, len(self._models)
+        """Show the parameter node's model when it changed elsewhere (a scene loaded, a script): its list
+        item, else OTHER_MODEL with its path. A value the GUI wrote itself is shown already."""
         path = self._parameterNode.modelPath
-        if not (combo.currentIndex == other and path == self.ui.modelPathLineEdit.currentPath):
-            index = self._modelIndex(path)
+        if path != self._modelShown:
+            self._modelShown = path
+            combo, index = self.ui.modelComboBox, self._modelIndex(path)
             wasBlocked = combo.blockSignals(True)
-            combo.currentIndex = other if index is None else index
+            combo.currentIndex = len(self._models) if index is None else index
             combo.blockSignals(wasBlocked)
             if index is None:
+                wasBlocked = self.ui.modelPathLineEdit.blockSignals(True)
                 self.ui.modelPathLineEdit.currentPath = path
-        self.ui.modelPathLineEdit.visible = combo.currentIndex == other
+                self.ui.modelPathLineEdit.blockSignals(wasBlocked)
+        self.ui.modelPathLineEdit.visible = self._otherChosen()
 
     def _modelProblem(self) -> str:
         """Why the chosen model cannot be used, or ""."""
@@ -262,7 +311,10 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if 0 <= index < len(self._models):
             entry = self._models[index]
             return "" if entry.usable else f"{entry.name}: {entry.problem}"
-        return "" if self.ui.modelPathLineEdit.currentPath else "Choose a model file."
+        path = self.ui.modelPathLineEdit.currentPath.strip()
+        if not path:
+            return "Choose a model file."
+        return "" if Path(path).is_file() else f"{path}: no such model file."
 
     def _checkCanDetect(self, caller=None, event=None) -> None:
         if self._parameterNode:
@@ -281,15 +333,24 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onDetect(self) -> None:
         from LandmarkDetectionAppLib.dependencies import ensure_dependencies
-        from LandmarkDetectionAppLib.gui import poll_job
+        from LandmarkDetectionAppLib.gui import poll_job, report_errors
 
+        self.onModelPathChanged()  # the path field as it reads now
+        if not self.ui.detectButton.enabled:
+            self.ui.statusLabel.text = self.ui.detectButton.toolTip
+            return
         if not ensure_dependencies():
             return
         self.ui.progressBar.visible = True
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = "Detecting..."
-        job = self.logic.startDetection(self._parameterNode, self.onProgress, self.onFinished)
-        if not job.finished:  # a job that could not start has already reported it through onFinished
+        job = None
+        with report_errors("Could not start the detection"):
+            job = self.logic.startDetection(self._parameterNode, self.onProgress, self.onFinished)
+        if job is None:  # it raised before anything ran
+            self.ui.progressBar.visible = False
+            self.ui.statusLabel.text = "Detection did not start."
+        elif not job.finished:  # a job that could not start has already reported it through onFinished
             self._job, self._timer = job, poll_job(job)
         self._checkCanDetect()
 
@@ -307,20 +368,23 @@ class LandmarkDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onFinished(self, job, outcome) -> None:
         """The job ended: load its results into the scene (for the volume and model it ran with), or say why
         not. The UI is reset whatever happens."""
+        from LandmarkDetectionAppLib.gui import report_errors
+
         self._job = None
         self.ui.progressBar.visible = False
         try:
-            if outcome.ok:
-                with slicer.util.tryWithErrorDisplay("Could not load the detection results."):
-                    self._results = self.logic.loadJobResults(job)
-                    self.showResults()
-            else:
+            if not outcome.ok:
                 self.ui.statusLabel.text = f"Detection failed: {outcome.message}"
                 if outcome.message != "Cancelled.":
                     logging.error("LandmarkDetection: %s", outcome.message)
                     slicer.util.errorDisplay(f"Landmark detection failed:\n{outcome.message}")
-        except Exception:  # noqa: BLE001 - already shown by tryWithErrorDisplay; the UI must not stay stuck
-            self.ui.statusLabel.text = "Could not load the detection results; see the Python console."
+            elif job.parameters["inputVolume"].GetScene() is not slicer.mrmlScene:
+                self.ui.statusLabel.text = "Detection results not loaded: the volume is no longer in the scene."
+            else:
+                self.ui.statusLabel.text = "Could not load the detection results."
+                with report_errors("Could not load the detection results"):
+                    self._results = self.logic.loadJobResults(job)
+                    self.showResults()
         finally:
             self._checkCanDetect()
 
@@ -418,8 +482,8 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
         snapshot = self.snapshot(parameters)
         name = snapshot["inputVolume"].GetName()
 
-        def export(job):
-            sitk.WriteImage(volume_to_image(snapshot["inputVolume"]), str(job.input_path(name)), True)
+        def export(job):  # uncompressed, in the scan's voxel type: quick, on the GUI thread
+            sitk.WriteImage(volume_to_image(snapshot["inputVolume"], keep_type=True), str(job.input_path(name)), False)
 
         job = BackendJob(lambda job: self.detectionArguments(snapshot, job.input_path(name), job.output_dir),
                          onProgress, lambda outcome: onFinished(job, outcome), snapshot,
@@ -452,6 +516,7 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
     def loadResults(self, snapshot: dict, outputDir: Path, name: str) -> DetectionResults:
         """Read everything first, then add nodes: a failure leaves the scene unchanged."""
         from LandmarkDetectionLib import mrml
+        from LandmarkDetectionLib.errors import LandmarkError
         from LandmarkDetectionLib.fileio import read_landmarks
         from LandmarkDetectionLib.modelheader import read_header
         from LandmarkDetectionLib.schema import schema_from_dict
@@ -465,6 +530,8 @@ class LandmarkDetectionLogic(ScriptedLoadableModuleLogic):
             uncertainty, _ = read_uncertainty(outputDir / f"{name}.uncertainty.json")
         volume = snapshot["inputVolume"]
         scene = volume.GetScene()
+        if scene is None:
+            raise LandmarkError(None, f"{volume.GetName()}: the volume is no longer in the scene; results not loaded")
         folder = mrml.results_folder(scene, volume, f"{volume.GetName()} landmarks")
         results = DetectionResults(folder, volume=volume)
         results.markups = mrml.add_landmarks(scene, schema, coords, folder, prefix=f"{volume.GetName()} ")

@@ -7,11 +7,9 @@ BackendJob of the shared app layer (LandmarkDetectionAppLib), so the GUI never f
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +24,12 @@ from slicer.util import VTKObservationMixin
 
 SETTINGS = "LandmarkTraining/"  # user settings keys: Annotator, Dataset, LastRun
 UPDATE_DELAY_MS = 250  # edits within this time are checked together (QA runs once)
+PATH_DELAY_MS = 600  # a path field is read once typing pauses (a dataset is not read at every keystroke)
+# The path fields, by parameter. A ctkPathLineEdit says currentPathChanged only for acceptable text, never
+# when it is emptied: the fields are read when they signal anything (validInputChanged too) and again by
+# every action before it uses them (readFields).
+PATH_FIELDS = (("datasetFolder", "datasetPathLineEdit"), ("modelPath", "modelPathLineEdit"),
+               ("initFrom", "initFromPathLineEdit"), ("runFolder", "runPathLineEdit"))
 
 
 class LandmarkTraining(ScriptedLoadableModule):
@@ -63,19 +67,20 @@ class LandmarkTrainingParameterNode:
     runFolder: str = ""
 
 
-@contextlib.contextmanager
 def reportErrors(what: str):
-    """One dialog for any failure: a problem the user can fix (LandmarkError, ValueError) as its one line,
-    anything else with its traceback in the details (and the Python console)."""
+    """One dialog for any failure of a slot, which then returns normally (gui.report_errors)."""
+    from LandmarkDetectionAppLib.gui import report_errors
+
+    return report_errors(what)
+
+
+def requiredPath(value: str, what: str) -> Path:
+    """A path the user must have chosen (an empty one would be the current folder)."""
     from LandmarkDetectionLib.errors import LandmarkError
 
-    try:
-        yield
-    except (LandmarkError, ValueError) as error:
-        slicer.util.errorDisplay(f"{what}:\n{error}")
-    except Exception as error:  # noqa: BLE001 - the GUI must never be left half-done without a word
-        logging.exception("LandmarkTraining: %s", what)
-        slicer.util.errorDisplay(f"{what}:\n{error}", detailedText=traceback.format_exc())
+    if not value:
+        raise LandmarkError(None, f"choose the {what} first")
+    return Path(value)
 
 
 class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -85,9 +90,12 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._updateTimer = self._pathsTimer = None
         self._job = self._jobTimer = None  # a pre-fill or agreement run
         self._trainJob = self._trainTimer = self._training = None
         self._agreementFolder = None
+        self._sessionObservations = []  # (node, tag) of the session's point lists and curves
+        self._placing = None  # placing.PersistentPlacing
         self._showing = False  # while parameters are being shown, the widgets' signals change nothing
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -98,28 +106,26 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LandmarkTrainingLogic()
-        self._updateTimer = qt.QTimer()
-        self._updateTimer.setSingleShot(True)
-        self._updateTimer.setInterval(UPDATE_DELAY_MS)
-        self._updateTimer.connect("timeout()", self.onSessionUpdate)
 
+        from LandmarkDetectionAppLib.gui import single_shot_timer
         from LandmarkDetectionAppLib.training import RECIPE_NAMES, describe_recipe
         from LandmarkDetectionLib.schema import builtin_schemas
+        from LandmarkTrainingLib.placing import PersistentPlacing
 
-        for name in builtin_schemas():
-            self.ui.schemaComboBox.addItem(name)
+        self._updateTimer = single_shot_timer(UPDATE_DELAY_MS, self.onSessionUpdate)
+        self._pathsTimer = single_shot_timer(PATH_DELAY_MS, self.readFields)
+        self._placing = PersistentPlacing(slicer.app.applicationLogic().GetInteractionNode())
+        with reportErrors("Could not list the landmark schemas"):  # an incomplete installation
+            for name in builtin_schemas():
+                self.ui.schemaComboBox.addItem(name)
         for name in RECIPE_NAMES:
             self.ui.recipeComboBox.addItem(name)
             self.ui.recipeComboBox.setItemData(self.ui.recipeComboBox.count - 1, describe_recipe(name),
                                                qt.Qt.ToolTipRole)
 
-        connections = (
-            (self.ui.schemaComboBox, "currentIndexChanged(int)", self.onPathsChanged),
-            (self.ui.datasetPathLineEdit, "currentPathChanged(QString)", self.onPathsChanged),
-            (self.ui.modelPathLineEdit, "currentPathChanged(QString)", self.onPathsChanged),
-            (self.ui.recipeComboBox, "currentIndexChanged(int)", self.onPathsChanged),
-            (self.ui.initFromPathLineEdit, "currentPathChanged(QString)", self.onInitFromChanged),
-            (self.ui.runPathLineEdit, "currentPathChanged(QString)", self.onPathsChanged),
+        connections = [
+            (self.ui.schemaComboBox, "currentIndexChanged(int)", self.readFields),
+            (self.ui.recipeComboBox, "currentIndexChanged(int)", self.readFields),
             (self.ui.caseComboBox, "currentIndexChanged(int)", self.onCaseChanged),
             (self.ui.caseAnnotatorComboBox, "currentIndexChanged(int)", self.onCaseAnnotatorChanged),
             (self.ui.createDatasetButton, "clicked(bool)", self.onCreateDataset),
@@ -143,31 +149,44 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.trainButton, "clicked(bool)", self.onTrain),
             (self.ui.resumeButton, "clicked(bool)", self.onResume),
             (self.ui.cancelTrainingButton, "clicked(bool)", self.onCancelTraining),
-        )
+        ]
+        for _, name in PATH_FIELDS:
+            connections += [(getattr(self.ui, name), "currentPathChanged(QString)", self.onPathEdited),
+                            (getattr(self.ui, name), "validInputChanged(bool)", self.onPathEdited)]
         for widget, signal, slot in connections:
             widget.connect(signal, slot)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # a point list or the scan deleted (Data module): the session brings the list back, or ends
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSessionEdited)
         self.initializeParameterNode()
         self.showSession()
 
     def cleanup(self) -> None:
+        """The widget goes away (module reload, Slicer closing): nothing of it may run afterwards."""
+        for timer in (self._updateTimer, self._pathsTimer, self._jobTimer, self._trainTimer):
+            if timer is not None:
+                timer.stop()
         for job in (self._job, self._trainJob):
             if job is not None:
-                job.cancel()
-        self._updateTimer.stop()
+                job.abandon()
+        self._job = self._trainJob = None
+        if self._placing is not None:
+            self._placing.stop()
+        self.unobserveSession()
+        self.setParameterNode(None)
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        if self._placing is not None:
+            self._placing.stop()  # Slicer's place-mode persistence as it was: other modules place their own way
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and "session" in self._job.parameters:
+            self._job.cancel()  # a pre-fill: its suggestions would go to point lists the close removes
         self.setParameterNode(None)
         self.setSession(None)
 
@@ -176,6 +195,8 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        from LandmarkDetectionLib.mrml import first_scalar_volume
+
         self.setParameterNode(self.logic.getParameterNode())
         settings = slicer.app.userSettings()
         if not self._parameterNode.annotator:
@@ -185,19 +206,24 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.runFolder:
             self._parameterNode.runFolder = str(settings.value(SETTINGS + "LastRun", ""))
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            first = first_scalar_volume(slicer.mrmlScene)
             if first:
                 self._parameterNode.inputVolume = first
         self.showParameters()
 
     def setParameterNode(self, parameterNode) -> None:
+        """Connect the GUI to a parameter node once, and again only when the node changes (entering the
+        module gives a new wrapper of the same node: connecting it would leak an observer before 5.12)."""
+        from LandmarkDetectionAppLib.gui import connect_parameters, same_parameter_node
+
+        if same_parameter_node(parameterNode, self._parameterNode):
+            return
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = parameterNode
+        self._parameterNodeGuiTag = None
         if self._parameterNode:
-            from LandmarkDetectionAppLib.gui import connect_parameters
-
             self._parameterNodeGuiTag = connect_parameters(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self.updateButtons()
@@ -207,9 +233,8 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self._showing = True
         try:
-            for widget, value in ((self.ui.datasetPathLineEdit, p.datasetFolder),
-                                  (self.ui.modelPathLineEdit, p.modelPath), (self.ui.initFromPathLineEdit, p.initFrom),
-                                  (self.ui.runPathLineEdit, p.runFolder)):
+            for parameter, name in PATH_FIELDS:
+                widget, value = getattr(self.ui, name), getattr(p, parameter)
                 if widget.currentPath != value:
                     widget.currentPath = value
             for combo, value in ((self.ui.schemaComboBox, p.schemaName), (self.ui.recipeComboBox, p.recipe)):
@@ -217,35 +242,46 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     combo.currentIndex = combo.findText(value)
         finally:
             self._showing = False
+        self._pathsTimer.stop()
         self.refreshDataset()
-        self.onPathsChanged()  # a value the lists do not hold becomes the one shown
+        self.readFields()  # a value the lists do not hold becomes the one shown
 
-    def onPathsChanged(self, *_) -> None:
+    def onPathEdited(self, *_) -> None:
+        self._pathsTimer.start()  # restarts: the fields are read once typing pauses
+
+    def readFields(self, *_) -> None:
+        """Read the path fields (as they show, empty included) and the lists into the parameter node: when
+        they change (a path once typing pauses), and first thing in every action, so that it uses what the
+        fields show."""
         if self._parameterNode is None or self._showing:
             return
+        self._pathsTimer.stop()
         p = self._parameterNode
-        datasetChanged = p.datasetFolder != self.ui.datasetPathLineEdit.currentPath
-        p.datasetFolder = self.ui.datasetPathLineEdit.currentPath
+        paths = {parameter: getattr(self.ui, name).currentPath.strip() for parameter, name in PATH_FIELDS}
+        datasetChanged = p.datasetFolder != paths["datasetFolder"]
+        initFromChanged = p.initFrom != paths["initFrom"]
+        for parameter, value in paths.items():
+            if getattr(p, parameter) != value:
+                setattr(p, parameter, value)
         p.schemaName = self.ui.schemaComboBox.currentText
-        p.modelPath = self.ui.modelPathLineEdit.currentPath
         p.recipe = self.ui.recipeComboBox.currentText
-        p.initFrom = self.ui.initFromPathLineEdit.currentPath
-        p.runFolder = self.ui.runPathLineEdit.currentPath
         if datasetChanged:
             slicer.app.userSettings().setValue(SETTINGS + "Dataset", p.datasetFolder)
             self.refreshDataset()
+        if initFromChanged:
+            self.suggestRecipe(p.initFrom)
         self.updateButtons()
 
-    def onInitFromChanged(self, path: str) -> None:
-        """Fine-tuning a model takes the recipe it was trained with (same network and options)."""
+    def suggestRecipe(self, modelPath: str) -> None:
+        """A fine-tune starts with the recipe the model was trained with (its augmentation and schedule; the
+        model's architecture, network options and input grid are the run's in any case)."""
         from LandmarkDetectionAppLib.training import model_recipe
 
-        if path and Path(path).is_file():
+        if modelPath and Path(modelPath).is_file():
             with reportErrors("Could not read the model"):
-                recipe = model_recipe(Path(path))
+                recipe = model_recipe(Path(modelPath))
                 if recipe and self.ui.recipeComboBox.findText(recipe) >= 0:
                     self.ui.recipeComboBox.currentIndex = self.ui.recipeComboBox.findText(recipe)
-        self.onPathsChanged()
 
     def updateButtons(self, caller=None, event=None) -> None:
         session = self.logic.session
@@ -327,13 +363,16 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onCreateDataset(self) -> None:
+        self.readFields()
         with reportErrors("Could not create the dataset"):
-            self.logic.createDataset(Path(self._parameterNode.datasetFolder), self._parameterNode.schemaName)
+            self.logic.createDataset(requiredPath(self._parameterNode.datasetFolder, "dataset folder"),
+                                     self._parameterNode.schemaName)
             self.refreshDataset()
         self.updateButtons()
 
     # ---------------------------------------------------------------------------------------------- session
     def onStart(self) -> None:
+        self.readFields()
         p = self._parameterNode
         if self.logic.session is not None and not slicer.util.confirmOkCancelDisplay(
                 "Start a new annotation? The current one stays in the scene (save it first to keep it in the "
@@ -344,11 +383,12 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setSession(self.logic.startSession(p.inputVolume, schema))
 
     def onLoadCase(self) -> None:
+        self.readFields()
         p = self._parameterNode
         version = self.ui.versionComboBox.currentData
         with reportErrors("Could not load the case"), slicer.util.WaitCursor():
-            session = self.logic.loadCase(Path(p.datasetFolder), self.ui.caseComboBox.currentText,
-                                          self.ui.caseAnnotatorComboBox.currentText,
+            session = self.logic.loadCase(requiredPath(p.datasetFolder, "dataset folder"),
+                                          self.ui.caseComboBox.currentText, self.ui.caseAnnotatorComboBox.currentText,
                                           int(version) if version is not None else None)
             p.inputVolume = session.volume
             slicer.util.setSliceViewerLayers(background=session.volume, fit=True)
@@ -356,14 +396,14 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setSession(self, session) -> None:
         """Show a session and watch its points and curves (or none)."""
-        self.removeObservers(self.onSessionEdited)
+        self.unobserveSession()
+        self._placing.stop()
         self.logic.session = session
         self.ui.subAnatomyComboBox.clear()
         if session is not None:
             for sub in session.schema.sub_anatomies:
                 self.ui.subAnatomyComboBox.addItem(sub.name)
-            for node in session.nodes + [curve for curves in session.curve_nodes.values() for curve in curves]:
-                self.observe(node)  # points and boundary curves (a loaded version's too)
+            self.observeSession()
             self.ui.qaTableView.setMRMLTableNode(session.qa_table)
             self.statusText(self.logic.sessionNote or "")
             self.showSubAnatomy()
@@ -372,26 +412,50 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.qaTableView.setMRMLTableNode(None)
         self.showSession()
 
+    def observeSession(self) -> None:
+        """Watch the session's point lists and boundary curves (a loaded version's too), again from scratch: a
+        list the annotator deleted comes back as a new node."""
+        self.unobserveSession()
+        session = self.logic.session
+        for node in session.nodes + [curve for sub in list(session.curve_nodes) for curve in session.curves_of(sub)]:
+            self.observe(node)
+
     def observe(self, node) -> None:
+        """Our own (node, tag) list, not VTKObservationMixin's, which keeps every node it ever observed."""
         from slicer import vtkMRMLMarkupsNode
 
         for event in (vtkMRMLMarkupsNode.PointModifiedEvent, vtkMRMLMarkupsNode.PointPositionDefinedEvent,
                       vtkMRMLMarkupsNode.PointPositionUndefinedEvent, vtkMRMLMarkupsNode.PointAddedEvent,
                       vtkMRMLMarkupsNode.PointRemovedEvent, vtkMRMLMarkupsNode.PointEndInteractionEvent):
-            self.addObserver(node, event, self.onSessionEdited)
+            self._sessionObservations.append((node, node.AddObserver(event, self.onSessionEdited)))
+
+    def unobserveSession(self) -> None:
+        for node, tag in self._sessionObservations:
+            node.RemoveObserver(tag)
+        self._sessionObservations = []
 
     def onSessionEdited(self, caller=None, event=None) -> None:
-        self._updateTimer.start()  # restarts: a drag is checked once it pauses
+        if self.logic.session is not None:
+            self._updateTimer.start()  # restarts: a drag is checked once it pauses
 
     def onSessionUpdate(self) -> None:
         session = self.logic.session
         if session is None:
+            return
+        if session.closed:
+            self.setSession(None)
+            self.statusText("The annotation ended: its scan is no longer in the scene.")
             return
         with reportErrors("Could not update the annotation"):
             report = session.update()
             notes = [f"{name} projected {mm:.1f} mm onto the plane" for name, mm in report.projected if mm > 0.05]
             if report.placed:
                 notes.append(f"{len(report.placed)} secondary point(s) put on the boundary curve")
+            if report.restored:
+                self.observeSession()
+                notes.append(f"point list(s) of {', '.join(report.restored)} deleted: its points are to place again")
+            if self.ui.qaTableView.mrmlTableNode() is not session.qa_table:  # deleted, and made again
+                self.ui.qaTableView.setMRMLTableNode(session.qa_table)
             if notes:
                 self.statusText("; ".join(notes))
             row = report.qa.row(session.sub_anatomy.name)
@@ -419,68 +483,73 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showSession()
 
     def onPrevious(self) -> None:
-        self.logic.session.previous()
-        self.showSubAnatomy()
+        with reportErrors("Could not go to the previous sub-anatomy"):
+            self.logic.session.previous()
+            self.showSubAnatomy()
 
     def onNext(self) -> None:
-        self.logic.session.next()
-        self.showSubAnatomy()
+        with reportErrors("Could not go to the next sub-anatomy"):
+            self.logic.session.next()
+            self.showSubAnatomy()
 
     def onSubAnatomyChosen(self, index: int) -> None:
-        self.logic.session.go_to(index)
-        self.showSubAnatomy()
+        with reportErrors("Could not go to the sub-anatomy"):
+            self.logic.session.go_to(index)
+            self.showSubAnatomy()
 
     def onReformat(self) -> None:
-        widget = slicer.app.layoutManager().sliceWidget("Red")
-        if widget is not None and self.logic.session is not None:
-            self.logic.session.reformat(widget.mrmlSliceNode())
+        with reportErrors("Could not reformat the slice view"):
+            widget = slicer.app.layoutManager().sliceWidget("Red")
+            if widget is not None and self.logic.session is not None:
+                self.logic.session.reformat(widget.mrmlSliceNode())
 
     def startPlacing(self, node) -> None:
         """Place mode for a point list or curve: it stays on until every point is placed (a point list of
-        fixed size) or the user leaves it (a curve)."""
+        fixed size) or the user leaves it (a curve); then Slicer's persistence setting is as it was."""
         slicer.modules.markups.logic().SetActiveList(node)  # also makes its class the one placed
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
-        interaction.SetPlaceModePersistence(1)
-        interaction.SetCurrentInteractionMode(interaction.Place)
+        self._placing.start()
 
     def onPlace(self) -> None:
-        session = self.logic.session
-        if not session.to_place():
-            self.statusText("Every primary point of this sub-anatomy is placed; drag points to correct them.")
-            return
-        self.startPlacing(session.node())
-        self.statusText(f"Click to place, in order: {', '.join(session.to_place())}")
+        with reportErrors("Could not start placing points"):
+            session = self.logic.session
+            if not session.to_place():
+                self.statusText("Every primary point of this sub-anatomy is placed; drag points to correct them.")
+                return
+            self.startPlacing(session.node())
+            self.statusText(f"Click to place, in order: {', '.join(session.to_place())}")
 
     def onDrawCurve(self) -> None:
-        curve = self.logic.session.add_curve()
-        self.observe(curve)
-        self.startPlacing(curve)
-        self.statusText("Click along the boundary through the primary points; right-click or Esc to finish. "
-                        "Secondary points follow the curve until you move them.")
+        with reportErrors("Could not start the boundary curve"):
+            curve = self.logic.session.add_curve()
+            self.observe(curve)
+            self.startPlacing(curve)
+            self.statusText("Click along the boundary through the primary points; right-click or Esc to finish. "
+                            "Secondary points follow the curve until you move them.")
 
     def onReplaceSecondaries(self) -> None:
         with reportErrors("Could not re-place the secondary points"):
             self.showEdit("Applied", self.logic.session.place_secondaries())
 
     def onFix(self) -> None:
-        session = self.logic.session
-        fix = session.fix(None if self._parameterNode.fixAll else [session.sub_anatomy.name])
-        if not fix.moves:
-            self.ui.editTextEdit.setPlainText("\n".join(["The fix moves nothing.", *fix.notes]))
-            return
-        self.ui.editTextEdit.setPlainText("Proposed (nothing changed yet):\n" + fix.text())
-        if not slicer.util.confirmOkCancelDisplay(f"Apply the fix? {len(fix.moves)} landmark(s) move, as listed in the "
-                                                  "Quality panel (Undo restores them).", "Fix annotation",
-                                                  detailedText=fix.text()):
-            self.ui.editTextEdit.setPlainText("Not applied:\n" + fix.text())
-            return
-        with reportErrors("Could not apply the fix"):
+        with reportErrors("Could not fix the annotation"):
+            session = self.logic.session
+            fix = session.fix(None if self._parameterNode.fixAll else [session.sub_anatomy.name])
+            if not fix.moves:
+                self.ui.editTextEdit.setPlainText("\n".join(["The fix moves nothing.", *fix.notes]))
+                return
+            self.ui.editTextEdit.setPlainText("Proposed (nothing changed yet):\n" + fix.text())
+            if not slicer.util.confirmOkCancelDisplay(f"Apply the fix? {len(fix.moves)} landmark(s) move, as listed in "
+                                                      "the Quality panel (Undo restores them).", "Fix annotation",
+                                                      detailedText=fix.text()):
+                self.ui.editTextEdit.setPlainText("Not applied:\n" + fix.text())
+                return
             self.showEdit("Applied", session.apply_fix(fix), fix.notes)
 
     def onUndo(self) -> None:
-        edit = self.logic.session.undo()
-        if edit is not None:
-            self.showEdit("Undone", edit)
+        with reportErrors("Could not undo"):
+            edit = self.logic.session.undo()
+            if edit is not None:
+                self.showEdit("Undone", edit)
 
     def showEdit(self, what: str, edit, notes=()) -> None:
         self.ui.editTextEdit.setPlainText("\n".join([f"{what}: {edit.text()}", *[f"note: {n}" for n in notes]]))
@@ -490,6 +559,7 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPrefill(self) -> None:
         from LandmarkDetectionAppLib.dependencies import ensure_dependencies
 
+        self.readFields()
         if not ensure_dependencies():
             return
         with reportErrors("Could not pre-fill with the model"):
@@ -502,6 +572,9 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.jobDone()
         if not outcome.ok:
             return self.jobFailed("Pre-fill", outcome)
+        if job.parameters["session"].closed:
+            self.statusText("The model's suggestions were not used: their annotation is no longer in the scene.")
+            return
         with reportErrors("Could not read the model's suggestions"):
             filled = self.logic.finishPrefill(job)
             self.statusText(f"{filled} point(s) pre-filled by the model; 'Next suggestion' visits them most "
@@ -509,21 +582,25 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onSessionUpdate()
 
     def onNextSuggestion(self) -> None:
-        item = self.logic.session.next_suggestion()
-        if item is None:
-            return
-        self.showSubAnatomy()
-        slicer.modules.markups.logic().JumpSlicesToLocation(*(float(v) for v in item.position), True)
-        self.ui.reviewLabel.text = (f"{item.landmark} ({item.sub_anatomy}): ellipsoid up to {item.max_semi_axis_mm:.1f}"
-                                    f" mm. Leave it if right, drag it if not. {len(self.logic.session.review)} left.")
+        with reportErrors("Could not go to the next suggestion"):
+            item = self.logic.session.next_suggestion()
+            if item is None:
+                self.ui.reviewLabel.text = "No suggestion left to review."
+            else:
+                self.showSubAnatomy()
+                slicer.modules.markups.logic().JumpSlicesToLocation(*(float(v) for v in item.position), True)
+                self.ui.reviewLabel.text = (f"{item.landmark} ({item.sub_anatomy}): ellipsoid up to "
+                                            f"{item.max_semi_axis_mm:.1f} mm. Leave it if right, drag it if not. "
+                                            f"{len(self.logic.session.review)} left.")
         self.updateButtons()
 
     # ---------------------------------------------------------------------------------------------- saving
     def onSave(self) -> None:
+        self.readFields()
         p = self._parameterNode
         slicer.app.userSettings().setValue(SETTINGS + "Annotator", p.annotator.strip())
         with reportErrors("Could not save the annotation"), slicer.util.WaitCursor():
-            saved = self.logic.save(Path(p.datasetFolder), p.annotator.strip(), p.status)
+            saved = self.logic.save(requiredPath(p.datasetFolder, "dataset folder"), p.annotator.strip(), p.status)
             text = (f"Saved {saved.entry.case} by {saved.entry.annotator} as version {saved.entry.version} "
                     f"({saved.entry.landmarks})")
             if saved.assistance is not None:
@@ -535,11 +612,12 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAgreement(self) -> None:
         from LandmarkDetectionAppLib.dependencies import ensure_dependencies
 
+        self.readFields()
         if not ensure_dependencies():  # the box plots need matplotlib
             return
         with reportErrors("Could not start the agreement"):
-            job = self.logic.startAgreement(Path(self._parameterNode.datasetFolder), self.onProgress,
-                                            self.onAgreementFinished)
+            job = self.logic.startAgreement(requiredPath(self._parameterNode.datasetFolder, "dataset folder"),
+                                            self.onProgress, self.onAgreementFinished)
             self.watchJob(job, "Measuring inter-annotator agreement...")
 
     def onAgreementFinished(self, job, outcome) -> None:
@@ -561,23 +639,25 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrain(self) -> None:
         from LandmarkDetectionAppLib.dependencies import ensure_dependencies
 
+        self.readFields()
         p = self._parameterNode
         if not ensure_dependencies():
             return
         with reportErrors("Could not start training"):
             self.watchTraining(self.logic.startTraining(
-                Path(p.datasetFolder), p.recipe, p.epochs or None, p.device, Path(p.initFrom) if p.initFrom else None,
-                self.onTrainingProgress, self.onTrainingFinished))
+                requiredPath(p.datasetFolder, "dataset folder"), p.recipe, p.epochs or None, p.device,
+                Path(p.initFrom) if p.initFrom else None, self.onTrainingProgress, self.onTrainingFinished))
 
     def onResume(self) -> None:
         from LandmarkDetectionAppLib.dependencies import ensure_dependencies
 
+        self.readFields()
         p = self._parameterNode
         if not ensure_dependencies():
             return
         with reportErrors("Could not resume training"):
-            self.watchTraining(self.logic.resumeTraining(Path(p.runFolder), p.epochs or None, p.device,
-                                                         self.onTrainingProgress, self.onTrainingFinished))
+            self.watchTraining(self.logic.resumeTraining(requiredPath(p.runFolder, "run folder"), p.epochs or None,
+                                                         p.device, self.onTrainingProgress, self.onTrainingFinished))
 
     def watchTraining(self, started) -> None:
         """Show a training run's chart in the layout and its progress here; remember its folder (Resume)."""
@@ -588,7 +668,8 @@ class LandmarkTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         slicer.modules.plots.logic().ShowChartInLayout(chart)
         output = str(self._training.output)
-        self.ui.runPathLineEdit.currentPath = output  # the parameter follows (onPathsChanged)
+        self.ui.runPathLineEdit.currentPath = output
+        self.readFields()
         slicer.app.userSettings().setValue(SETTINGS + "LastRun", output)
         self.ui.trainingProgressBar.visible = True
         self.ui.trainingProgressBar.value = 0
@@ -733,12 +814,13 @@ class LandmarkTrainingLogic(ScriptedLoadableModuleLogic):
         from LandmarkDetectionLib.mrml import volume_to_image
         from LandmarkTrainingLib.store import check_model_schema, detection_arguments
 
+        session = self.session
         model = self.modelPath(modelPath)
-        check_model_schema(model, self.session.schema)
-        snapshot = {"session": self.session, "model": model}
+        check_model_schema(model, session.schema)
+        snapshot = {"session": session, "model": model}
 
-        def export(job):
-            sitk.WriteImage(volume_to_image(self.session.volume), str(job.input_path("scan")), True)
+        def export(job):  # uncompressed, in the scan's voxel type: quick, on the GUI thread
+            sitk.WriteImage(volume_to_image(session.volume, keep_type=True), str(job.input_path("scan")), False)
 
         job = BackendJob(lambda job: detection_arguments(model, job.input_path("scan"), job.output_dir, passes, device),
                          onProgress, lambda outcome: onFinished(job, outcome), snapshot, processFactory or TreeProcess)

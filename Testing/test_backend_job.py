@@ -107,3 +107,25 @@ def test_cancel_stops_the_launcher_and_its_child(tmp_path):
                 break
         assert time.monotonic() < deadline, "the child process survived Cancel"
         time.sleep(0.1)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
+def test_an_abandoned_job_stops_cleans_up_and_never_calls_back(tmp_path):
+    """A module reloaded (or Slicer closing) while a job runs: its widget is gone, so nothing may call it."""
+    started = tmp_path / "started"
+    code = (f"import json, time\nopen({str(started)!r}, 'w').close()\n"
+            "print(json.dumps({'stage': 'detect', 'step': 0, 'total': 1}), flush=True)\ntime.sleep(120)")
+    calls = []
+    job = BackendJob(lambda job: [], calls.append, calls.append, process_factory=script_process(code))
+    job.start(lambda job: job.input_path("scan").write_text("x"))
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    work, process = job.work, job.process.process
+    job.abandon()
+    assert job.finished and not work.exists()
+    process.wait(timeout=10)  # the whole group was killed: it ends at once
+    time.sleep(0.2)
+    job.poll()  # a timer that fired once more
+    assert calls == []

@@ -1,8 +1,9 @@
 """The LandmarkTraining module's logic (LandmarkTrainingLib) against the real MRML classes of slicer-core:
 the guided session over a schema's sub-anatomies, planes (scan symmetry, placed midline points, the
 schema's planes), projection of placed primaries, secondaries at equal arc length along a drawn curve, the
-live QA table, the fix and its exact undo, model-assisted pre-filling, dataset versions saved and loaded
-back, and the agreement outputs as tables. Known answers come from synthetic geometry."""
+live QA table, the fix and its exact undo (refused once its points moved), model-assisted pre-filling,
+dataset versions saved and loaded back, point lists deleted by the user, a closed scene, persistent place
+mode given back, and the agreement outputs as tables. Known answers come from synthetic geometry."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ pytest.importorskip("slicer")
 sys.path.insert(0, str(REPO / "LandmarkTraining"))  # the module's Qt-free logic, as Slicer would find it
 from LandmarkDetectionLib import mrml  # noqa: E402
 from LandmarkTrainingLib import store  # noqa: E402
+from LandmarkTrainingLib.placing import PersistentPlacing  # noqa: E402
 from LandmarkTrainingLib.session import SUB_ANATOMY_ATTRIBUTE, AnnotationSession  # noqa: E402
 
 X, Y, Z = np.eye(3)
@@ -258,6 +260,33 @@ def test_fix_is_shown_first_applied_as_shown_and_undone_exactly(mrml_scene, brai
     assert np.array_equal(session.coordinates(), moved, equal_nan=True)
 
 
+def test_undo_is_refused_naming_the_points_moved_since_the_edit(mrml_scene, brain88, volume):
+    coords = np.full((len(brain88), 3), np.nan)
+    coords[:5] = [(0, 70, 30), (50, 20, 30), (-50, 20, 30), (40, 55, 30), (-35, 60, 30)]
+    coords[:5] += np.random.default_rng(3).normal(0, 1.5, (5, 3))  # off their plane and unevenly spaced
+    session = AnnotationSession(mrml_scene, brain88, volume, coords)
+    session.update()
+    before = session.coordinates()
+    edit = session.apply_fix(session.fix(["Frontal Lobe"]))
+    assert {m.landmark for m in edit.moves} == set(FL)
+    fixed = session.coordinates()
+    assert np.array_equal(edit.written, fixed, equal_nan=True)
+
+    place(session, FL[1], fixed[1] + (0.0, 2.0, 0.0))  # the annotator corrects a point after the fix
+    node, n = session._where[brain88.lookup(FL[3])]
+    node.UnsetNthControlPointPosition(n)  # and removes another
+    corrected = session.coordinates()
+    with pytest.raises(LandmarkError, match=f"the fix was not undone: {FL[1]}, {FL[3]} moved since it was applied"):
+        session.undo()
+    assert np.array_equal(session.coordinates(), corrected, equal_nan=True)  # nothing changed
+    assert session.undo_stack == [edit]
+
+    place(session, FL[1], fixed[1])  # put back where the fix left it: the fix can be undone again
+    node.SetNthControlPointPositionWorld(n, *fixed[3])
+    assert session.undo() is edit and session.undo_stack == []
+    assert np.array_equal(session.coordinates(), before, equal_nan=True)
+
+
 # -------------------------------------------------------------------------------------- model assistance
 def test_prefill_keeps_placed_points_reviews_most_uncertain_first_and_records_what_changed(session, brain88):
     place(session, FL[0], (0, 70, 30))  # placed by the annotator before the model ran
@@ -283,6 +312,25 @@ def test_prefill_keeps_placed_points_reviews_most_uncertain_first_and_records_wh
     assert records["BS_obex"]["action"] == "missing"
 
 
+def test_next_suggestion_skips_suggestions_the_annotator_removed(session, brain88):
+    suggested = np.full((len(brain88), 3), np.nan)
+    semi = np.full(len(brain88), np.nan)
+    for k, i in enumerate(brain88.indices_of("Frontal Lobe")):
+        suggested[i] = (10.0 * k, 50.0, 30.0)
+        semi[i] = 5.0 - k  # the pole is the most uncertain
+    assert session.prefill(suggested, semi, "tiny") == 5
+    for name in FL[:2]:  # the two most uncertain suggestions removed before they were visited
+        node, n = session._where[brain88.lookup(name)]
+        node.UnsetNthControlPointPosition(n)
+    item = session.next_suggestion()
+    assert item.landmark == FL[2] and np.array_equal(item.position, suggested[2])
+    assert [brain88.names[i] for i in session.review] == FL[3:]
+    node, n = session._where[brain88.lookup(FL[4])]
+    node.SetNthControlPointPositionMissing(n)
+    assert session.next_suggestion().landmark == FL[3]
+    assert session.next_suggestion() is None and session.review == []
+
+
 def test_detection_output_read_as_suggestions_in_schema_order(tmp_path, afids32, brain88):
     coords = np.random.default_rng(0).uniform(-50, 50, (32, 3))
     covariance = np.tile(np.eye(3), (32, 1, 1)) * np.linspace(0.5, 4.0, 32)[:, None, None]
@@ -298,6 +346,31 @@ def test_detection_output_read_as_suggestions_in_schema_order(tmp_path, afids32,
         store.check_model_schema(bundled_model_path("afids-32"), brain88)
     assert store.detection_arguments(bundled_model_path(), tmp_path / "in.nrrd", tmp_path / "out", 20)[:2] == \
         ["detect", "--model"]
+
+
+def test_persistent_placing_gives_slicers_setting_back(mrml_scene):
+    """Place mode stays on until every point is placed, and Slicer's persistence setting (the application's)
+    is as it was once placement ends, or the session ends or the module is left while placing."""
+    interaction = mrml_scene.AddNewNodeByClass("vtkMRMLInteractionNode")
+    placing = PersistentPlacing(interaction)
+    placing.start()
+    assert (interaction.GetCurrentInteractionMode(), interaction.GetPlaceModePersistence()) == (interaction.Place, 1)
+    placing.start()  # the next list, still placing: the setting to give back is the one from before
+    interaction.SwitchToViewTransformMode()  # every point placed (Slicer switches), Esc, or another mode
+    assert interaction.GetPlaceModePersistence() == 0 and not placing.placing
+
+    interaction.SetPlaceModePersistence(1)  # the user's own choice later is left alone
+    interaction.SetCurrentInteractionMode(interaction.Place)
+    interaction.SwitchToViewTransformMode()
+    assert interaction.GetPlaceModePersistence() == 1
+    interaction.SetPlaceModePersistence(0)
+    placing.start()
+    placing.stop()  # the session ends, or the module is left, while placing
+    placing.stop()
+    assert interaction.GetPlaceModePersistence() == 0 and interaction.GetCurrentInteractionMode() == interaction.Place
+    interaction.SetPlaceModePersistence(1)
+    interaction.SwitchToViewTransformMode()  # no observer left behind
+    assert interaction.GetPlaceModePersistence() == 1
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -370,6 +443,60 @@ def test_a_saved_version_keeps_its_boundary_curve_and_loads_with_it(mrml_scene, 
 
     edit = loaded.place_secondaries("Frontal Lobe")  # the loaded curve serves as the drawn one did
     assert [m.landmark for m in edit.moves] == [FL[3]] and np.allclose(position(loaded, FL[3]), (50, 70, 30))
+
+
+def test_a_point_list_deleted_by_the_annotator_is_missing_points_and_comes_back_empty(mrml_scene, session, brain88,
+                                                                                     tmp_path):
+    place_frontal_primaries(session)
+    place(session, "BS_obex", (0, -40, -30))
+    deleted = session.node("Frontal Lobe")
+    mrml_scene.RemoveNode(deleted)  # in the Data module
+    folder = datasets.create_dataset(tmp_path / "dataset", "brain-88")
+    stored = read_landmarks(store.save_session(session, folder, "alice").entry.landmarks, brain88)
+    assert np.isnan(stored[:5]).all()  # never the deleted list's points
+    assert np.allclose(stored[brain88.lookup("BS_obex")], (0, -40, -30))
+
+    node = session.node("Frontal Lobe")  # back, empty, as the session made it
+    assert node is not deleted and node.GetScene() is mrml_scene and node.GetName() == "scan Frontal Lobe"
+    assert node.GetAttribute(SUB_ANATOMY_ATTRIBUTE) == "Frontal Lobe" and node.GetFixedNumberOfControlPoints()
+    assert [node.GetNthControlPointPositionStatus(n) for n in range(5)] == [node.PositionUndefined] * 3 + \
+        [node.PositionMissing] * 2
+    hierarchy = mrml_scene.GetSubjectHierarchyNode()
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == session.folder
+    assert session.update().restored == ["Frontal Lobe"] and session.update().restored == []
+    assert session.to_place() == FL[:3]
+    place(session, FL[0], (0, 70, 30))
+    assert np.allclose(position(session, FL[0]), (0, 70, 30))
+
+    hierarchy.RemoveItem(session.folder)  # the whole annotation folder: its lists come back in a new one
+    assert session.update().restored == [sub.name for sub in brain88.sub_anatomies]
+    assert mrml.item_exists(mrml_scene, session.folder) and np.isnan(session.coordinates()).all()
+    table = session.qa_table  # so does the QA table
+    assert table.GetScene() is mrml_scene and table.GetNumberOfRows() == len(brain88.sub_anatomies)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(table)) == session.folder
+
+
+def test_a_closed_scene_ends_the_session_and_nothing_comes_back(mrml_scene, session, brain88):
+    """A model's suggestions arriving after the scene was closed change nothing (the module cancels the
+    pre-fill at the close; this is the session's own guard)."""
+    place_frontal_primaries(session)
+    mrml_scene.Clear(0)
+    assert session.closed
+    with pytest.raises(LandmarkError, match="'scan' is closed: its scan is no longer in the scene"):
+        session.prefill(np.zeros((len(brain88), 3)), np.ones(len(brain88)), "tiny")
+    assert mrml_scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 0
+
+
+def test_a_scan_saved_from_the_scene_keeps_its_voxel_type(mrml_scene, brain88, tmp_path):
+    import SimpleITK as sitk
+
+    image = sitk.Cast(head_image()[0] * 10, sitk.sitkInt16)
+    volume = mrml.image_to_volume(mrml_scene, image, "int16 scan")
+    folder = datasets.create_dataset(tmp_path / "dataset", "brain-88")
+    saved = store.save_session(AnnotationSession(mrml_scene, brain88, volume), folder, "alice")
+    copied = sitk.ReadImage(str(saved.entry.image))
+    assert copied.GetPixelID() == sitk.sitkInt16
+    assert np.array_equal(sitk.GetArrayFromImage(copied), sitk.GetArrayFromImage(image))
 
 
 def test_saving_refuses_another_scheme_or_another_scan(mrml_scene, session, tmp_path):

@@ -20,6 +20,29 @@ def test_volume_node_round_trip_keeps_voxels_and_geometry(mrml_scene):
     assert np.allclose(Grid.of(back).index_to_ras, Grid.of(image).index_to_ras, atol=1e-9)
 
 
+def test_volume_node_exported_as_float32_or_in_its_own_voxel_type(mrml_scene):
+    image = sitk.Cast(make_volume() * 10, sitk.sitkInt16)
+    node = mrml.image_to_volume(mrml_scene, image, "int16")
+    as_float, as_is = mrml.volume_to_image(node), mrml.volume_to_image(node, keep_type=True)
+    assert (as_float.GetPixelID(), as_is.GetPixelID()) == (sitk.sitkFloat32, sitk.sitkInt16)
+    assert np.array_equal(sitk.GetArrayFromImage(as_is), sitk.GetArrayFromImage(image))
+    assert np.array_equal(sitk.GetArrayFromImage(as_float), sitk.GetArrayFromImage(image))
+    assert np.allclose(Grid.of(as_is).index_to_ras, Grid.of(image).index_to_ras, atol=1e-9)
+
+
+def test_the_first_scan_is_a_plain_scalar_volume(mrml_scene):
+    """Label maps, vector, DWI and tensor volumes are scalar volume nodes too (subclasses): not scans."""
+    assert mrml.first_scalar_volume(mrml_scene) is None
+    for node_class in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionWeightedVolumeNode",
+                       "vtkMRMLDiffusionTensorVolumeNode"):
+        mrml_scene.AddNewNodeByClass(node_class)
+    assert mrml_scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode").GetClassName() == "vtkMRMLLabelMapVolumeNode"
+    assert mrml.first_scalar_volume(mrml_scene) is None
+    scan = mrml.image_to_volume(mrml_scene, make_volume(), "scan")
+    mrml.image_to_volume(mrml_scene, make_volume(), "another")
+    assert mrml.first_scalar_volume(mrml_scene) is scan
+
+
 def test_volume_under_a_linear_transform_is_read_in_world_coordinates(mrml_scene):
     image = make_volume()
     node = mrml.image_to_volume(mrml_scene, image, "moved")
@@ -101,6 +124,9 @@ def test_results_go_into_a_folder_under_the_volume_study(mrml_scene, afids32):
     table = mrml.add_results_table(mrml_scene, afids32, np.zeros((32, 3)), folder=folder)
     for node in (*nodes, table):
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == folder
+    assert mrml.item_exists(mrml_scene, folder) and mrml.item_exists(mrml_scene, study)
+    hierarchy.RemoveItem(folder)  # deleted in the Data module, with its nodes
+    assert not mrml.item_exists(mrml_scene, folder) and nodes[0].GetScene() is None
 
 
 def test_gradcam_volume_node_has_the_input_geometry(mrml_scene):

@@ -1,8 +1,10 @@
 """Training from Slicer without Qt (LandmarkDetectionAppLib.training): the backend arguments of new,
 fine-tuning and resumed runs read by the real command-line parser, --recipe defaults, progress into real MRML
-table and chart nodes (slicer-core), the models folder, and one real run through BackendJob."""
+table and chart nodes (slicer-core), the models folder and its list (odd files included), and one real run
+through BackendJob."""
 
 import json
+import struct
 import subprocess
 import sys
 import time
@@ -71,6 +73,10 @@ def test_new_and_fine_tuning_runs_are_read_by_the_backend_parser(tmp_path, tiny_
     assert args.device == "auto"
     # a value that starts with '-' stays a value
     assert parsed(training_arguments(TrainingRequest(Path("-scans"), Path("-run")))).dataset == "-scans"
+    # an emptied "Fine-tune from" field is no model (an empty path would be the current folder)
+    for empty in ("", "  "):
+        args = parsed(training_arguments(TrainingRequest(tmp_path / "data", tmp_path / "run", init_from=empty)))
+        assert not hasattr(args, "init_from")
 
 
 def test_resume_arguments_are_read_by_the_backend_parser(tmp_path):
@@ -169,12 +175,30 @@ class Settings(dict):
         return self.get(key, default)
 
 
+    def setValue(self, key, value):
+        self[key] = value
+
+    def remove(self, key):
+        self.pop(key, None)
+
+
 def test_models_folder_is_the_setting_or_the_default(tmp_path):
     default = training.default_models_folder()
     assert default.parts[-2:] == ("LandmarkDetection", "Models") and default.is_absolute()
     assert models_folder(Settings()) == default
     assert models_folder(Settings({training.MODELS_FOLDER_KEY: ""})) == default
     assert models_folder(Settings({training.MODELS_FOLDER_KEY: str(tmp_path)})) == tmp_path
+    assert models_folder(Settings({training.MODELS_FOLDER_KEY: None})) == default  # QSettings' missing value
+
+
+def test_the_models_folder_field_chooses_a_folder_and_emptied_means_the_default(tmp_path):
+    settings = Settings()
+    assert training.set_models_folder(settings, f" {tmp_path} ") == tmp_path
+    assert settings == {training.MODELS_FOLDER_KEY: str(tmp_path)} and models_folder(settings) == tmp_path
+    assert training.set_models_folder(settings, "") == training.default_models_folder()
+    assert settings == {} and models_folder(settings) == training.default_models_folder()
+    assert training.models_folder_of("~/x") == Path.home() / "x"
+    assert training.models_folder_of("  ") == training.default_models_folder()
 
 
 def test_install_model_never_replaces_a_file(tiny_model, tmp_path):
@@ -210,6 +234,38 @@ def test_available_models_lists_bundled_then_the_folder_and_damaged_files_with_t
                                 "recipe afids-32-poses")
     assert training.model_recipe(mine.path) == "afids-32-poses"
     assert [e.name for e in available_models(tmp_path / "absent")] == ["afids32 (bundled)"]
+
+
+def header_only_model(path: Path, **parts) -> Path:
+    """A model file as far as its header goes (a safetensors header without tensors): metadata parts as given."""
+    from LandmarkDetectionLib.modelheader import FORMAT, FORMAT_VERSION
+
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: json.dumps(v) for k, v in parts.items()}}
+    header = json.dumps({"__metadata__": metadata}).encode("utf-8")
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+def test_one_odd_model_file_never_breaks_the_list(tmp_path, monkeypatch):
+    folder = tmp_path / "Models"
+    folder.mkdir()
+    schema = {"name": "afids-32", "landmarks": [{"name": "AC"}]}
+    header_only_model(folder / "a.safetensors", schema=schema, config={"architecture": "locnet"},
+                      metrics={"validation": 2.5}, training={"recipe": 7})
+    header_only_model(folder / "b.safetensors", schema={"name": "x", "landmarks": 3})
+    odd, damaged = available_models(folder)[1:]
+    assert odd.usable and odd.description == "afids-32 (1 landmarks), locnet; recipe 7"
+    assert not damaged.usable and damaged.problem.startswith("model metadata is damaged (TypeError:")
+    assert [e.default for e in available_models(folder)] == [True, False, False]
+
+    def no_resources():
+        raise FileNotFoundError("Resources/Schemas not found beside the backend")
+
+    monkeypatch.setattr(training, "resources_dir", no_resources)  # an incomplete installation
+    bundled, *rest = available_models(folder)
+    assert bundled.default and bundled.bundled and not bundled.usable
+    assert bundled.problem == "not installed (Resources/Schemas not found beside the backend)"
+    assert [e.name for e in rest] == ["a", "b"]
 
 
 def test_models_are_listed_before_torch_is_installed(tiny_model):

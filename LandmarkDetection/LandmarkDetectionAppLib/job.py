@@ -88,6 +88,10 @@ class TreeProcess:
                 pass
 
 
+def _ignore(*_) -> None:
+    pass
+
+
 @dataclass
 class JobOutcome:
     ok: bool
@@ -164,9 +168,18 @@ class BackendJob:
             self._finish(JobOutcome(False, message))
 
     def cancel(self) -> None:
+        """Stop the process; the next ``poll`` reports the outcome "Cancelled." and cleans up."""
         self.cancelled = True
         if self.process is not None:
             self.process.kill_tree()
+
+    def abandon(self) -> None:
+        """Stop the process and clean up without reporting anything: for a widget going away (a module
+        reloaded, Slicer closing), whose callbacks must never run again and which will not poll again."""
+        self.on_progress = self.on_finished = _ignore
+        self.cancel()
+        self.finished = True
+        self.cleanup()
 
     def _finish(self, outcome: JobOutcome) -> None:
         self.finished = True

@@ -4,9 +4,10 @@ chart in the scene, and the models folder that LandmarkDetection lists.
 Runs (a ``BackendJob`` of ``job.py`` runs the arguments; it adds ``--progress json`` itself):
   ``TrainingRequest(dataset, output, recipe, epochs, device, init_from, options)`` and
   ``training_arguments(request) -> list[str]``: ``train --dataset=D --output=O [--recipe=R] [--epochs=N]
-  --device=X [--init-from=MODEL] [--option=value ...]``. ``init_from`` fine-tunes an existing model (its
-  schema, architecture and network options must be the run's: pick the recipe it was trained with,
-  ``model_recipe(model)``), so corrected cases improve it.
+  --device=X [--init-from=MODEL] [--option=value ...]``. ``init_from`` fine-tunes an existing model, so
+  corrected cases improve it: the run takes the model's architecture, network options, input grid and (for
+  a model that aligns scans first) reference frame as its defaults, whatever the recipe; its schema must
+  be the dataset's. An empty ``init_from`` is none.
   ``resume_arguments(output, epochs=None, device="auto") -> list[str]``: ``train --output=O --resume``; the
   backend takes every other option from the checkpoint (a larger ``epochs`` continues a finished run).
   ``can_resume(output) -> bool``: the folder holds a checkpoint. ``finished_model(output) -> Path``.
@@ -28,15 +29,20 @@ Progress:
 
 Models folder:
   ``MODELS_FOLDER_KEY`` (the settings key), ``models_folder(settings) -> Path`` (settings: anything with
-  ``.value(key, default)``, such as ``slicer.app.userSettings()``); the default, ``default_models_folder()``,
+  ``.value(key, default)``, such as ``slicer.app.userSettings()``), ``set_models_folder(settings, text)``
+  (empty text: the default; also needs ``setValue`` and ``remove``) and ``models_folder_of(text) -> Path``, the
+  folder a text of the models-folder field means; the default, ``default_models_folder()``,
   is ``~/LandmarkDetection/Models``: the same on Linux, macOS and Windows, kept across Slicer versions and
   reinstalls (unlike the extension's own folder, which is per Slicer revision and removed with the
   extension, or Slicer's cache, which may be cleared), and easy for the user to find, back up and share.
   ``install_model(model_path, folder, name=None) -> Path``: copies a finished model into the folder under
   a new name, never replacing a file. ``available_models(folder) -> list[ModelEntry]``: the bundled models
-  first, then the folder's ``*.safetensors``, each with name, path, schema, description, read from the
-  header without torch; a damaged file is listed with ``problem`` (one line), never raised.
-  ``model_recipe(path) -> str | None``: the recipe a model was trained with, for fine-tuning it.
+  first (``default``: the one a module's empty model path means), then the folder's ``*.safetensors``, each
+  with name, path, schema, description, read from the header without torch; whatever is wrong with an entry
+  (a damaged file, odd metadata, a missing Resources folder, a folder that cannot be listed) is its
+  ``problem`` (one line), never raised.
+  ``model_recipe(path) -> str | None``: the recipe a model was trained with (a fine-tune's suggested recipe:
+  the same augmentation and schedule).
 """
 
 from __future__ import annotations
@@ -113,7 +119,7 @@ def training_arguments(request: TrainingRequest) -> list[str]:
     if request.epochs is not None:
         arguments += _option("epochs", request.epochs)
     arguments += _option("device", request.device)
-    if request.init_from is not None:
+    if request.init_from is not None and str(request.init_from).strip():
         arguments += _option("init_from", request.init_from)
     for name, value in request.options.items():
         arguments += _option(name, value)
@@ -289,6 +295,7 @@ class ModelEntry:
     description: str = ""
     bundled: bool = False
     problem: str = ""  # why the file cannot be used, one line; "" when it can
+    default: bool = False  # the default bundled model (a module's empty model path)
 
     @property
     def usable(self) -> bool:
@@ -299,10 +306,30 @@ def default_models_folder() -> Path:
     return Path.home() / "LandmarkDetection" / "Models"
 
 
+def models_folder_of(text: str) -> Path:
+    """The models folder a text names ('~' expanded where it can be); empty: the default."""
+    text = str(text or "").strip()
+    if not text:
+        return default_models_folder()
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # '~someone' without such a user
+        return Path(text)
+
+
 def models_folder(settings) -> Path:
     """The folder the user chose in the settings (``MODELS_FOLDER_KEY``), else the default."""
-    value = settings.value(MODELS_FOLDER_KEY, "")
-    return Path(str(value)).expanduser() if value else default_models_folder()
+    return models_folder_of(settings.value(MODELS_FOLDER_KEY, ""))
+
+
+def set_models_folder(settings, text: str) -> Path:
+    """Remember the folder ``text`` names (empty: forget it, back to the default); returns the folder in use."""
+    text = str(text or "").strip()
+    if text:
+        settings.setValue(MODELS_FOLDER_KEY, text)
+    else:
+        settings.remove(MODELS_FOLDER_KEY)
+    return models_folder_of(text)
 
 
 def install_model(model_path: Path, folder: Path, name: str | None = None) -> Path:
@@ -341,34 +368,48 @@ def install_model(model_path: Path, folder: Path, name: str | None = None) -> Pa
 
 
 def available_models(folder: Path | None) -> list[ModelEntry]:
-    """The bundled models, then ``folder``'s models by name; damaged files are listed with their problem."""
-    bundled = [resources_dir() / relative for relative in BUNDLED_MODELS.values()]
-    entries = [_entry(path, f"{path.name[: -len(MODEL_SUFFIX)]} (bundled)", True) for path in bundled]
-    if folder is not None and Path(folder).is_dir():
-        listed = {path.resolve() for path in bundled}
-        for path in sorted(Path(folder).glob(f"*{MODEL_SUFFIX}"), key=lambda p: p.name.lower()):
-            if not path.name.startswith(".") and path.resolve() not in listed:
-                entries.append(_entry(path, path.name[: -len(MODEL_SUFFIX)], False))
-    return entries
+    """The bundled models, then ``folder``'s models by name; whatever is wrong with one is its problem."""
+    try:
+        bundled, missing = [resources_dir() / relative for relative in BUNDLED_MODELS.values()], ""
+    except OSError as error:  # an incomplete installation: the bundled models are listed, unusable
+        bundled, missing = [Path(relative) for relative in BUNDLED_MODELS.values()], f"not installed ({error})"
+    entries = [_entry(path, f"{path.name[: -len(MODEL_SUFFIX)]} (bundled)", True, k == 0, missing)
+               for k, path in enumerate(bundled)]
+    if folder is None:
+        return entries
+    listed = {path.resolve() for path in bundled}
+    try:
+        found = Path(folder).glob(f"*{MODEL_SUFFIX}") if Path(folder).is_dir() else ()
+        paths = sorted(found, key=lambda p: p.name.lower())
+        paths = [path for path in paths if not path.name.startswith(".") and path.resolve() not in listed]
+    except (OSError, RuntimeError) as error:  # unreadable, or a symbolic link loop
+        return entries + [ModelEntry(Path(folder).name, Path(folder), problem=f"the folder cannot be listed ({error})")]
+    return entries + [_entry(path, path.name[: -len(MODEL_SUFFIX)], False) for path in paths]
 
 
-def _entry(path: Path, name: str, bundled: bool) -> ModelEntry:
+def _entry(path: Path, name: str, bundled: bool, default: bool = False, problem: str = "") -> ModelEntry:
+    if problem:
+        return ModelEntry(name, path, bundled=bundled, problem=problem, default=default)
     try:
         header = read_header(path)
         schema, config, training, metrics = header.schema, header.config, header.training, header.metrics
         if not all(isinstance(part, dict) for part in (schema, config, training, metrics)):
             raise LandmarkError(path, "model metadata is damaged (not JSON objects)")
+        description = _description(schema, config, training, metrics)
     except LandmarkError as error:
-        return ModelEntry(name, path, bundled=bundled, problem=error.problem)
-    return ModelEntry(name, path, str(schema.get("name", "")), _description(schema, config, training, metrics),
-                      bundled)
+        return ModelEntry(name, path, bundled=bundled, problem=error.problem, default=default)
+    except Exception as error:  # noqa: BLE001 - one odd file must not break the list of models
+        return ModelEntry(name, path, bundled=bundled, default=default,
+                          problem=f"model metadata is damaged ({type(error).__name__}: {error})")
+    return ModelEntry(name, path, str(schema.get("name", "")), description, bundled, default=default)
 
 
 def _description(schema: dict, config: dict, training: dict, metrics: dict) -> str:
     """One line: schema and landmarks, architecture, validation MRE, training."""
     parts = [f"{schema.get('name', '?')} ({len(schema.get('landmarks', []))} landmarks), "
              f"{config.get('architecture', '?')}"]
-    mre = metrics.get("validation", {}).get("mre_mm")
+    validation = metrics.get("validation")
+    mre = validation.get("mre_mm") if isinstance(validation, dict) else None
     if isinstance(mre, (int, float)):
         parts.append(f"validation MRE {mre:.2f} mm")
     trained = [f"{training['epochs_trained']} epochs" if "epochs_trained" in training else "",

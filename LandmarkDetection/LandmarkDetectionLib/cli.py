@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(synthetic appearance and anatomy in the first case's frame; "
                                        "the model aligns every scan to it) (default: none)")
     p.add_argument("--samples-per-epoch", type=int, help="with --synthesis: samples per epoch (default: 100)")
-    p.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from this model's weights (same schema, "
-                                                        "architecture and options; default: random weights) (default: none)")
+    p.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from this model's weights (same schema; "
+                                                        "the model's architecture, network options, input grid and "
+                                                        "reference frame are the run's defaults) (default: none)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --output after its last epoch, with the options stored in its "
                         "checkpoint (options given again must match, except --epochs, --patience, --workers, "

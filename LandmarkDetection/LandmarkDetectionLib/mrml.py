@@ -23,9 +23,10 @@ def _matrix(vtk_matrix) -> np.ndarray:
     return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-def volume_to_image(volume_node) -> sitk.Image:
-    """The node's voxels as a float32 SimpleITK image with its world geometry (a linear parent transform
-    included), so backend results land where the node is shown."""
+def volume_to_image(volume_node, keep_type: bool = False) -> sitk.Image:
+    """The node's voxels as a float32 SimpleITK image (``keep_type``: in the node's own voxel type, e.g. a
+    scan saved to a dataset or written for the backend, which reads it as float32 itself) with its world
+    geometry (a linear parent transform included), so backend results land where the node is shown."""
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
     matrix = _matrix(ijk_to_ras)
@@ -37,7 +38,8 @@ def volume_to_image(volume_node) -> sitk.Image:
         parent.GetMatrixTransformToWorld(to_world)
         matrix = _matrix(to_world) @ matrix
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(slicer.util.arrayFromVolume(volume_node).astype(np.float32))
+    voxels = slicer.util.arrayFromVolume(volume_node)
+    image = sitk.GetImageFromArray(voxels if keep_type else voxels.astype(np.float32))
     image.SetSpacing(tuple(spacing))
     image.SetDirection(tuple((LPS_TO_RAS @ (matrix[:3, :3] / spacing)).ravel()))
     image.SetOrigin(tuple(LPS_TO_RAS @ matrix[:3, 3]))
@@ -58,6 +60,17 @@ def image_to_volume(scene, image: sitk.Image, name: str):
     return node
 
 
+def first_scalar_volume(scene):
+    """The first plain scalar volume of the scene (a scan), or None: label maps, vector, DWI and tensor
+    volumes are scalar volume nodes too (subclasses), and are not scans to detect or annotate."""
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for k in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(k)
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+            return node
+    return None
+
+
 # ------------------------------------------------------------------------------------- subject hierarchy
 def results_folder(scene, volume_node, name: str) -> int:
     """A subject-hierarchy folder for results, under the volume's study (or wherever the volume is)."""
@@ -69,6 +82,14 @@ def results_folder(scene, volume_node, name: str) -> int:
     return folder
 
 
+def item_exists(scene, item: int) -> bool:
+    """Whether a subject-hierarchy item (e.g. a results folder) is still in the scene's hierarchy."""
+    hierarchy = scene.GetSubjectHierarchyNode()
+    items = vtk.vtkIdList()
+    hierarchy.GetItemChildren(hierarchy.GetSceneItemID(), items, True)
+    return items.IsId(item) >= 0
+
+
 def place(scene, node, folder: int) -> None:
     hierarchy = scene.GetSubjectHierarchyNode()
     item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
@@ -78,33 +99,38 @@ def place(scene, node, folder: int) -> None:
 # ------------------------------------------------------------------------------------------------ markups
 def add_landmarks(scene, schema: Schema, coords_ras: np.ndarray, folder: int | None = None, prefix: str = "",
                   locked: bool = True, to_place: bool = False) -> list:
-    """One markups point-list node per sub-anatomy, coloured by it; labels are landmark names, descriptions
-    the sub-anatomy; locked against accidental moves (unlock to correct). A landmark without coordinates
-    is marked missing, or with ``to_place`` left undefined so that Slicer's place mode places the
-    sub-anatomy's points one after the other in schema order (guided annotation)."""
-    nodes = []
-    for sub in schema.sub_anatomies:
-        indices = schema.indices_of(sub.name)
-        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{prefix}{sub.name}")
-        node.CreateDefaultDisplayNodes()
-        for i in indices:
-            point = np.asarray(coords_ras[i], dtype=float)
-            n = node.AddControlPoint(*(point if np.isfinite(point).all() else (0.0, 0.0, 0.0)), schema.landmarks[i].name)
-            node.SetNthControlPointDescription(n, sub.name)
-            if not np.isfinite(point).all():
-                if to_place:
-                    node.UnsetNthControlPointPosition(n)
-                else:
-                    node.SetNthControlPointPositionMissing(n)
-        node.SetLocked(locked)
-        node.SetDescription(sub.guideline)
-        display = node.GetDisplayNode()
-        display.SetSelectedColor(sub.rgb)
-        display.SetColor(sub.rgb)
-        if folder is not None:
-            place(scene, node, folder)
-        nodes.append(node)
-    return nodes
+    """One markups point-list node per sub-anatomy (add_landmark_list), in schema order."""
+    return [add_landmark_list(scene, schema, sub.name, coords_ras, folder, prefix, locked, to_place)
+            for sub in schema.sub_anatomies]
+
+
+def add_landmark_list(scene, schema: Schema, sub_anatomy: str, coords_ras: np.ndarray, folder: int | None = None,
+                      prefix: str = "", locked: bool = True, to_place: bool = False):
+    """The markups point-list node of one sub-anatomy, coloured by it, with its landmarks of (K, 3) RAS
+    ``coords_ras`` (schema order): labels are landmark names, descriptions the sub-anatomy; locked against
+    accidental moves (unlock to correct). A landmark without coordinates is marked missing, or with
+    ``to_place`` left undefined so that Slicer's place mode places the sub-anatomy's points one after the
+    other in schema order (guided annotation)."""
+    sub = schema.sub_anatomy(sub_anatomy)
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{prefix}{sub.name}")
+    node.CreateDefaultDisplayNodes()
+    for i in schema.indices_of(sub.name):
+        point = np.asarray(coords_ras[i], dtype=float)
+        n = node.AddControlPoint(*(point if np.isfinite(point).all() else (0.0, 0.0, 0.0)), schema.landmarks[i].name)
+        node.SetNthControlPointDescription(n, sub.name)
+        if not np.isfinite(point).all():
+            if to_place:
+                node.UnsetNthControlPointPosition(n)
+            else:
+                node.SetNthControlPointPositionMissing(n)
+    node.SetLocked(locked)
+    node.SetDescription(sub.guideline)
+    display = node.GetDisplayNode()
+    display.SetSelectedColor(sub.rgb)
+    display.SetColor(sub.rgb)
+    if folder is not None:
+        place(scene, node, folder)
+    return node
 
 
 def landmarks_from_markups(nodes, schema: Schema) -> np.ndarray:

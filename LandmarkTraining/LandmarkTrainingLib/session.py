@@ -30,8 +30,14 @@ saved: linear, one curve point per control point, so the QA of the loaded annota
 saved with.
 
 Edits the session makes to placed points (the one-click fix, re-placing secondaries) are ``Edit`` records
-on an undo stack: ``undo`` restores the previous positions exactly. Nothing is changed silently: a fix is
-computed first (``fix``), shown, and applied only as it was shown (``apply_fix``).
+on an undo stack: ``undo`` restores the previous positions exactly, and is refused (naming them) when points
+it would put back were moved since the edit. Nothing is changed silently: a fix is computed first (``fix``),
+shown, and applied only as it was shown (``apply_fix``).
+
+The session lives in its scene: a point list the annotator deletes (in the Data module) comes back empty,
+its points to place again (``nodes``; ``UpdateReport.restored`` names it), so a deleted list is missing points
+and is never saved as it was; once the scan leaves the scene (the scene is closed, or the volume deleted) the
+session is ``closed`` and refuses to read or change points. A deleted QA table comes back at the next update.
 """
 
 from __future__ import annotations
@@ -75,13 +81,15 @@ class SessionPlane:
 
 @dataclass
 class Edit:
-    """One change the session made to placed points; ``previous`` (K, 3) (NaN: not placed) undoes it."""
+    """One change the session made to placed points; ``previous`` (K, 3) (NaN: not placed) undoes it while
+    its points are still where it put them, ``written`` (K, 3)."""
 
     description: str
     indices: list[int]
     previous: np.ndarray
     moves: list[Move] = field(default_factory=list)
     following: dict = field(default_factory=dict)  # the curve-following points before the edit
+    written: np.ndarray | None = None
 
     def text(self) -> str:
         lines = [f"{self.description}: {len(self.moves)} landmark(s) moved"]
@@ -93,6 +101,7 @@ class UpdateReport:
     projected: list[tuple[str, float]]  # (landmark, mm moved onto the plane)
     placed: list[str]  # secondaries put on (or moved along) the boundary curve
     qa: object  # annotation.QaResult
+    restored: list[str] = field(default_factory=list)  # sub-anatomies whose deleted point list came back empty
 
 
 @dataclass
@@ -127,20 +136,11 @@ class AnnotationSession:
             raise LandmarkError(None, f"expected ({len(schema)}, 3) coordinates of schema '{schema.name}', got "
                                       f"{coords.shape}")
         self.secondary = np.array([lm.role == "secondary" for lm in schema.landmarks])
-        self.nodes = mrml.add_landmarks(scene, schema, coords, self.folder, prefix=f"{self.name} ", locked=False,
-                                        to_place=True)
         self._where = {}  # landmark index -> (point list, control point number)
-        for sub, node in zip(schema.sub_anatomies, self.nodes):
-            node.SetAttribute(SUB_ANATOMY_ATTRIBUTE, sub.name)
-            for n in range(node.GetNumberOfControlPoints()):
-                self._where[schema.lookup(node.GetNthControlPointLabel(n))] = (node, n)
-            # place mode ends when every undefined point is placed, and adds none of its own
-            node.SetFixedNumberOfControlPoints(True)
-        for index in np.flatnonzero(self.secondary & ~np.isfinite(coords).all(axis=1)):
-            self._clear(index)
+        self._nodes = [self._add_list(sub.name, coords) for sub in schema.sub_anatomies]
+        self.restored: list[str] = []  # sub-anatomies whose deleted list came back, until update() reports them
         self.curve_nodes: dict[str, list] = {}
-        self.qa_table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{self.name} QA")
-        mrml.place(scene, self.qa_table, self.folder)
+        self.qa_table = self._add_qa_table()
         self.current = 0  # index of the sub-anatomy being annotated
         self.undo_stack: list[Edit] = []
         self.following: dict[int, np.ndarray] = {}  # secondaries put on the curve, where they were put
@@ -157,17 +157,65 @@ class AnnotationSession:
     def _finite(coords: np.ndarray) -> np.ndarray:
         return np.isfinite(coords).all(axis=1)
 
+    def _add_list(self, sub: str, coords: np.ndarray):
+        """The point list of a sub-anatomy holding its landmarks of ``coords`` (NaN: to place)."""
+        node = mrml.add_landmark_list(self.scene, self.schema, sub, coords, self.folder, prefix=f"{self.name} ",
+                                      locked=False, to_place=True)
+        node.SetAttribute(SUB_ANATOMY_ATTRIBUTE, sub)
+        for n in range(node.GetNumberOfControlPoints()):
+            index = self.schema.lookup(node.GetNthControlPointLabel(n))
+            self._where[index] = (node, n)
+            if self.secondary[index] and not np.isfinite(coords[index]).all():
+                node.SetNthControlPointPositionMissing(n)  # not placed: place mode skips it (see _clear)
+        # place mode ends when every undefined point is placed, and adds none of its own
+        node.SetFixedNumberOfControlPoints(True)
+        return node
+
+    def _add_qa_table(self):
+        table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{self.name} QA")
+        mrml.place(self.scene, table, self.folder)
+        return table
+
+    @property
+    def closed(self) -> bool:
+        """Whether the scan left the session's scene (the scene was closed, or the volume deleted)."""
+        return self.volume.GetScene() is not self.scene
+
+    @property
+    def nodes(self) -> list:
+        """The point list of each sub-anatomy, in schema order (``restore_lists``)."""
+        return self.restore_lists()
+
+    def restore_lists(self) -> list:
+        """The point lists, each in the scene: one the annotator deleted comes back empty (its points to place
+        again) and is named in ``restored``. Refused once the session is ``closed``."""
+        if self.closed:
+            raise LandmarkError(None, f"the annotation '{self.name}' is closed: its scan is no longer in the scene")
+        for k, node in enumerate(self._nodes):
+            if node.GetScene() is not self.scene:
+                if not mrml.item_exists(self.scene, self.folder):  # the annotation's folder was deleted too
+                    self.folder = mrml.results_folder(self.scene, self.volume, f"{self.name} annotation")
+                sub = self.schema.sub_anatomies[k].name
+                self._nodes[k] = self._add_list(sub, np.full((len(self.schema), 3), np.nan))
+                self.restored.append(sub)
+        return self._nodes
+
     def coordinates(self) -> np.ndarray:
         """(K, 3) RAS in schema order; NaN for points not placed."""
         return mrml.landmarks_from_markups(self.nodes, self.schema)
 
+    def _point(self, index: int) -> tuple:
+        """(point list, control point number) of a landmark; a list deleted meanwhile comes back first."""
+        self.restore_lists()
+        return self._where[int(index)]
+
     def _set(self, index: int, position) -> None:
-        node, n = self._where[int(index)]
+        node, n = self._point(index)
         node.SetNthControlPointPositionWorld(n, *(float(v) for v in position))
 
     def _clear(self, index: int) -> None:
         """Not placed: a primary undefined (place mode asks for it), a secondary missing (it skips it)."""
-        node, n = self._where[int(index)]
+        node, n = self._point(index)
         if self.secondary[index]:
             node.SetNthControlPointPositionMissing(n)
         else:
@@ -356,7 +404,7 @@ class AnnotationSession:
     # ---------------------------------------------------------------------------------------------- update
     def update(self) -> UpdateReport:
         """After edits: project primaries just placed onto their plane, put secondaries on the boundary
-        curve, refresh the QA table (see the module docstring)."""
+        curve, refresh the QA table (see the module docstring); report the point lists that came back."""
         coords = self.coordinates()
         finite = self._finite(coords)
         projected = []
@@ -385,7 +433,8 @@ class AnnotationSession:
                 placed.append(self.schema.names[i])
             self.following[i] = target
         self._defined = self._finite(coords)
-        return UpdateReport(projected, placed, self.update_qa(coords))
+        restored, self.restored = self.restored, []
+        return UpdateReport(projected, placed, self.update_qa(coords), restored)
 
     def qa(self, coords: np.ndarray | None = None):
         coords = self.coordinates() if coords is None else coords
@@ -394,8 +443,11 @@ class AnnotationSession:
                              self.schema.qa_thresholds)
 
     def update_qa(self, coords: np.ndarray | None = None):
-        """Run the QA and show it in the QA table node (annotation.COLUMNS); returns the QaResult."""
+        """Run the QA and show it in the QA table node (annotation.COLUMNS; a new one if the annotator
+        deleted it); returns the QaResult."""
         result = self.qa(coords)
+        if self.qa_table.GetScene() is not self.scene:
+            self.qa_table = self._add_qa_table()
         fill_table(self.qa_table, COLUMNS, result.table())
         return result
 
@@ -435,15 +487,24 @@ class AnnotationSession:
     def _apply(self, new: np.ndarray, indices: list[int], description: str, moves) -> Edit:
         edit = Edit(description, list(indices), self.coordinates(), list(moves), dict(self.following))
         self._write(new, indices)
+        edit.written = self.coordinates()
         self.undo_stack.append(edit)
-        self._defined = self._finite(self.coordinates())
+        self._defined = self._finite(edit.written)
         return edit
 
     def undo(self) -> Edit | None:
-        """Undo the last edit: its points back exactly where they were (or not placed)."""
+        """Undo the last edit: its points back exactly where they were (or not placed). Refused, changing
+        nothing, when any of them was moved since the edit put it there (undoing would discard that move)."""
         if not self.undo_stack:
             return None
-        edit = self.undo_stack.pop()
+        edit = self.undo_stack[-1]
+        coords = self.coordinates()
+        moved = [self.schema.names[i] for i in edit.indices
+                 if not np.allclose(coords[i], edit.written[i], atol=SAME_MM, equal_nan=True)]
+        if moved:
+            raise LandmarkError(None, f"the {edit.description} was not undone: {', '.join(moved)} moved since it was "
+                                      "applied, and undoing it would put them back where they were before it")
+        self.undo_stack.pop()
         self._write(edit.previous, edit.indices)
         self.following = dict(edit.following)
         self._defined = self._finite(self.coordinates())
@@ -466,13 +527,16 @@ class AnnotationSession:
         return int(fill.sum())
 
     def next_suggestion(self) -> ReviewItem | None:
-        """The most uncertain suggestion not yet reviewed (its sub-anatomy becomes the current one)."""
-        if not self.review:
-            return None
-        index = self.review.pop(0)
-        lm = self.schema.landmarks[index]
-        self.go_to(lm.sub_anatomy)
-        return ReviewItem(index, lm.name, lm.sub_anatomy, self.coordinates()[index], float(self.uncertainty[index]))
+        """The most uncertain suggestion not yet reviewed (its sub-anatomy becomes the current one); one the
+        annotator has removed (not placed now) is skipped."""
+        coords = self.coordinates()
+        while self.review:
+            index = self.review.pop(0)
+            if np.isfinite(coords[index]).all():
+                lm = self.schema.landmarks[index]
+                self.go_to(lm.sub_anatomy)
+                return ReviewItem(index, lm.name, lm.sub_anatomy, coords[index], float(self.uncertainty[index]))
+        return None
 
     def assistance(self) -> list[dict] | None:
         """Per landmark: suggestion accepted, moved (how far), removed or added; None without a model."""

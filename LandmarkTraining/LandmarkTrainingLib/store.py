@@ -60,7 +60,8 @@ def _is_case_image(volume, folder: Path, case: str) -> bool:
 @contextlib.contextmanager
 def _scan_file(volume):
     """A file holding the volume as shown: the file it was loaded from when that is still exactly it
-    (unchanged since read, not transformed), otherwise a temporary NRRD export with its world geometry."""
+    (unchanged since read, not transformed), otherwise a temporary NRRD export with its world geometry and
+    its voxel type (the dataset keeps this file: compressed, as datasets store scans)."""
     storage = volume.GetStorageNode()
     source = Path(storage.GetFileName()) if storage is not None and storage.GetFileName() else None
     if (source is not None and source.is_file() and not volume.GetModifiedSinceRead()
@@ -71,7 +72,7 @@ def _scan_file(volume):
 
     with tempfile.TemporaryDirectory(prefix="LandmarkTraining-") as folder:
         path = Path(folder) / f"{safe_name(volume.GetName())}.nrrd"
-        sitk.WriteImage(mrml.volume_to_image(volume), str(path), True)
+        sitk.WriteImage(mrml.volume_to_image(volume, keep_type=True), str(path), True)
         yield path
 
 
