@@ -69,7 +69,7 @@ def test_code_slicer_loads_runs_on_python_3_9():
     files = _slicer_python_files()
     assert len(files) > 40
     for path in files:
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         tree = ast.parse(source, str(path), feature_version=(3, 9))
         if _unions_in_annotations(tree):
             assert "from __future__ import annotations" in source, f"{path}: X | Y annotations need the future import"

@@ -216,7 +216,15 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     from LandmarkDetectionLib.fileio import read_volume
     from LandmarkDetectionLib.uncertainty import fuse
 
-    cases = discover_cases(tiny_dataset)[:3]
+    # Cases whose truths sit a known few mm away from the template's landmarks, so that the prior's
+    # spread is the shifts', not the alignment's last digits (which vary with the thread count).
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    for case, shift in zip(discover_cases(tiny_dataset)[:3], ([3.0, 0, 0], [0, -4.0, 0], [0, 0, 5.0])):
+        shutil.copy(case.image, shifted / case.image.name)
+        write_markups_json(shifted / f"{case.name}.mrk.json", model.schema,
+                           read_landmarks(case.landmarks, model.schema) + np.asarray(shift))
+    cases = discover_cases(shifted)
     options4 = UncertaintyOptions(passes=4)
     result = calibrate(model, cases, "cpu", options4)
     offsets = []
@@ -224,8 +232,9 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
         alignment = detect_path(model, case.image, "cpu").alignment
         offsets.append(alignment.to_reference(read_landmarks(case.landmarks, model.schema)) - model.prior)
     offsets = np.concatenate(offsets)
-    assert np.allclose(model.prior_covariance[7], offsets.T @ offsets / len(offsets), rtol=1e-6)
-    assert result.prior_sd_mm == pytest.approx(np.sqrt(np.mean(offsets ** 2)), rel=1e-4)
+    second_moment = offsets.T @ offsets / len(offsets)
+    assert np.allclose(model.prior_covariance[7], second_moment, rtol=0.02, atol=0.02)
+    assert result.prior_sd_mm == pytest.approx(np.sqrt((9 + 16 + 25) / 9), rel=0.02)  # RMS of the shifts per axis
     assert result.fused_coverage == pytest.approx(0.9, abs=0.05)  # the fused ellipsoids' own factor
     assert model.metrics["calibration"]["fused_scale"] == model.config.fused_scale
     model.config.uncertainty_scale = 1.0  # a 1-epoch network barely spreads: its fitted scale is not the point here
