@@ -70,15 +70,22 @@ def ras_slab(image: sitk.Image, center_ras, view: str, half_width_mm: float = 90
     n = int(2 * half_width_mm / pixel_mm) + 1
     u, v = (np.asarray(a, dtype=float) for a in VIEW_AXES[view])
     corner = c - half_width_mm * u - half_width_mm * v
-    # Resample onto a one-slice image whose rows and columns run along u and v.
+    return _sample_square(image, corner, u, v, n, pixel_mm), (c, u, v, half_width_mm)
+
+
+def _sample_square(image: sitk.Image, first_ras, u, v, n: int, pixel_mm: float) -> np.ndarray:
+    """(n, n) float32 samples of ``image`` on a square of a plane: pixel (row r, column c) at
+    first + c p u + r p v (RAS mm). SimpleITK resampling onto a one-slice reference image whose columns and
+    rows run along u and v (as LPS direction cosines), by linear interpolation in physical space, so the
+    scan's own origin, spacing and direction are honoured exactly; outside the image: its minimum."""
     reference = sitk.Image([n, n, 1], sitk.sitkFloat32)
     direction = np.column_stack([LPS_TO_RAS @ u, LPS_TO_RAS @ v, LPS_TO_RAS @ np.cross(u, v)])
     reference.SetDirection(tuple(direction.ravel()))
     reference.SetSpacing((pixel_mm, pixel_mm, 1.0))
-    reference.SetOrigin(tuple(LPS_TO_RAS @ corner))
+    reference.SetOrigin(tuple(LPS_TO_RAS @ np.asarray(first_ras, dtype=float)))
     background = float(sitk.GetArrayViewFromImage(image).min())
     plane = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(plane)[0], (c, u, v, half_width_mm)
+    return sitk.GetArrayFromImage(plane)[0]
 
 
 def project(points_ras, frame):
@@ -187,17 +194,7 @@ def plane_slice(image: sitk.Image, centre_ras, u, v, width_mm: float, pixel_mm: 
         raise ValueError("plane_slice needs orthonormal in-plane axes u and v")
     n = max(2, int(np.ceil(width_mm / pixel_mm - 1e-9)))
     first = centre + (pixel_mm / 2 - n * pixel_mm / 2) * (u + v)  # the centre of pixel (0, 0)
-    # The oblique plane is sampled with SimpleITK resampling: a one-slice reference image whose columns
-    # and rows run along u and v (as LPS direction cosines), filled from the scan by linear interpolation
-    # in physical space, so the scan's own origin, spacing and direction are honoured exactly.
-    reference = sitk.Image([n, n, 1], sitk.sitkFloat32)
-    direction = np.column_stack([LPS_TO_RAS @ u, LPS_TO_RAS @ v, LPS_TO_RAS @ np.cross(u, v)])
-    reference.SetDirection(tuple(direction.ravel()))
-    reference.SetSpacing((pixel_mm, pixel_mm, 1.0))
-    reference.SetOrigin(tuple(LPS_TO_RAS @ first))
-    background = float(sitk.GetArrayViewFromImage(image).min())
-    plane = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(plane)[0]
+    return _sample_square(image, first, u, v, n, pixel_mm)
 
 
 def sub_anatomy_plane(points, plane_kind: str = "oblique", msp_normal=None):
