@@ -463,3 +463,28 @@ def test_fine_tuning_an_aligning_model_keeps_its_reference_frame(tiny_dataset, t
             train_command({**given, "output": str(tmp_path / "refused"), **changed})
         assert "\n" not in str(error.value)
     assert not (tmp_path / "refused").exists()
+
+
+def test_locnet_trains_patch_stages_on_a_landmark_subset_and_predicts_all():
+    """train_patch_landmarks: in training the patch stages run for that many random landmarks (their loss
+    and the gradients of only their heads); in eval mode every landmark is refined."""
+    from LandmarkDetectionLib.models.locnet import LocNet
+
+    torch.manual_seed(0)
+    network = LocNet(10, (24, 24, 24), (2.0, 2.0, 2.0), scales_mm=(8.0, 4.0, 2.0), patch_sizes=(6, 6),
+                     channels=(4, 4, 4))
+    network.train_patch_landmarks = 3
+    network.train()
+    stages = network(torch.randn(1, 1, 24, 24, 24))
+    chosen = stages[1][3]
+    assert stages[0][3] is None and stages[0][1].shape == (1, 10, 3)
+    assert len(set(chosen.tolist())) == 3 and all(s[3] is chosen and s[1].shape == (1, 3, 3) for s in stages[1:])
+    target, mask = torch.rand(1, 10, 3) * 20 + 2, torch.ones(1, 10, dtype=torch.bool)
+    loss = network.loss(stages, target, mask, (2.0, 2.0, 2.0), "mixed", 0.4, 3.0, progress=1.0)
+    loss.backward()
+    touched = network.head_weight[1].grad.abs().sum(1) > 0
+    assert touched.nonzero().flatten().tolist() == sorted(chosen.tolist())
+    network.eval()
+    assert network.predict_indices(torch.randn(1, 1, 24, 24, 24)).shape == (1, 10, 3)
+    with pytest.raises(Exception, match="locnet architecture only"):
+        train(TrainOptions(dataset="unused", output="unused", train_patch_landmarks=4))

@@ -19,6 +19,7 @@ FORMAT = "LandmarkDetectionLib.checkpoint"
 # Options that must not change between a run and its --resume. The others may: --epochs, --patience,
 # --workers, --amp, and the dataset's path when its contents are unchanged (the fingerprint says so).
 FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "scales_mm", "patch_sizes",
+                   "train_patch_landmarks",
                    "size", "spacing", "loss", "alpha", "sigma_mm", "lr", "schedule", "batch_size", "seed", "val_fraction",
                    "test_fraction", "augment", "synthesis", "samples_per_epoch", "init_from", "recipe")
 # Options of one invocation, never stored: where and how this process runs.

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, help="highres3dnet dropout, also MC-dropout uncertainty (default: 0.1)")
     p.add_argument("--scales-mm", type=_floats, help="locnet stage scales, coarse to fine (default: 4,2,1)")
     p.add_argument("--patch-sizes", type=_ints, help="locnet patch voxels per refining stage (default: 24,16)")
+    p.add_argument("--train-patch-landmarks", type=int,
+                   help="locnet: train the patch stages on this many random landmarks per step, for large "
+                        "schemas (0: all) (default: 0)")
     p.add_argument("--size", type=_triple(int), help="input grid voxels i,j,k (default: 224,224,101)")
     p.add_argument("--spacing", type=_triple(float), help="input grid spacing mm (default: 1,1,2.2)")
     p.add_argument("--epochs", type=int, help="epochs to train, at least 1; with --resume a larger value "

@@ -92,6 +92,7 @@ class TrainOptions:
     dropout: float = 0.1  # highres3dnet
     scales_mm: tuple[float, ...] = (4.0, 2.0, 1.0)  # locnet
     patch_sizes: tuple[int, ...] = (24, 16)  # locnet
+    train_patch_landmarks: int = 0  # locnet: landmarks whose patches train per step (0: all)
     size: tuple[int, int, int] = (224, 224, 101)
     spacing: tuple[float, float, float] = (1.0, 1.0, 2.2)
     epochs: int = 100
@@ -241,6 +242,10 @@ def _check_values(values: dict) -> None:
     for name in ("epochs", "batch_size", "patience", "samples_per_epoch"):
         if values.get(name, 1) < 1:
             raise LandmarkError(None, f"--{name.replace('_', '-')} {values[name]}: expected at least 1")
+    if values.get("train_patch_landmarks", 0) < 0:
+        raise LandmarkError(None, f"--train-patch-landmarks {values['train_patch_landmarks']}: expected 0 or more")
+    if values.get("train_patch_landmarks", 0) and values.get("architecture", TrainOptions.architecture) != "locnet":
+        raise LandmarkError(None, "--train-patch-landmarks applies to the locnet architecture only")
     bounds = {"lr": (0, 1), "alpha": (0, 1), "sigma_mm": (0.1, 100), "val_fraction": (0, 0.9),
               "test_fraction": (0, 0.9), "workers": (0, 64), "dropout": (0, 0.9), "blocks_per_stage": (1, 16)}
     for name, (low, high) in bounds.items():
@@ -416,6 +421,10 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cpu" and options.workers and world == 1:
+        # Leave the workers' cores to them: on 2 cores one synthesising worker and a two-thread training
+        # step contend, and a step takes the sum of both times instead of the longer one.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - options.workers))
 
     source = None
     if options.init_from:  # checked before the (slow) alignment of the training cases
@@ -435,6 +444,8 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output
         val_set = LandmarkDataset(splits["val"] or splits["train"], schema, config.geometry)
     if source is not None:
         _init_from(model, source)
+    if options.train_patch_landmarks:
+        model.network.train_patch_landmarks = options.train_patch_landmarks
     voxels = math.prod(model.config.geometry.size)
     if main and device.type == "cpu" and options.architecture == "highres3dnet" and voxels > CPU_VOXEL_LIMIT:
         print(f"warning: an input grid of {'x'.join(map(str, model.config.geometry.size))} voxels "

@@ -10,6 +10,10 @@ landmarks never need 88 full-resolution heatmaps.
 
 Coordinates inside are "grid millimetres": input voxel index (i, j, k) times the input spacing.
 Test-time noise injection shifts the centres of the finest crops; only that stage is repeated.
+
+Patch stages cost in proportion to the number of landmarks, so a schema as large as brain-88 trains on a
+random subset of landmarks per step (``train_patch_landmarks``): the shared U-Nets see as many patches
+per step as with a small schema, and every landmark's head is still trained, on a share of the steps.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class LocNet(LandmarkNetwork):
         self.input_size = tuple(int(n) for n in input_size)  # (i, j, k)
         self.register_buffer("spacing", torch.tensor([float(s) for s in input_spacing]), persistent=False)
         self.scales_mm, self.patch_sizes, self.jitter = tuple(scales_mm), tuple(patch_sizes), jitter
+        # A training setting (train.py sets it), not part of the model file: 0 trains every landmark's patches.
+        self.train_patch_landmarks = 0
         self.weights_start, self.weights_end = tuple(stage_weights_start), tuple(stage_weights_end)
         extent = torch.tensor([(n - 1) * s for n, s in zip(self.input_size, input_spacing)])
         # Coarse grid: an even number of voxels per axis (for the U-Net's pooling) spanning the input.
@@ -118,15 +124,20 @@ class LocNet(LandmarkNetwork):
         return probs, centers_mm + offset
 
     def forward(self, x):
-        """All stages: a list of (probs, estimate mm, crop centre mm or None) from coarse to fine."""
+        """All stages from coarse to fine: a list of (probs, estimate mm, crop centre mm or None, landmarks),
+        ``landmarks`` the indices the patch stages ran for (None: all; see ``train_patch_landmarks``)."""
         probs, estimate = self.coarse_stage(x)
-        stages = [(probs, estimate, None)]
+        stages = [(probs, estimate, None, None)]
+        landmarks = None
+        if self.training and 0 < self.train_patch_landmarks < self.num_landmarks:
+            landmarks = torch.randperm(self.num_landmarks, device=x.device)[:self.train_patch_landmarks]
+            estimate = estimate[:, landmarks]
         for stage in range(1, len(self.scales_mm)):
             centers = estimate
             if self.training and self.jitter:  # learn to recover from the previous stage's errors
                 centers = centers + (torch.rand_like(centers) * 2 - 1) * self.scales_mm[stage - 1]
-            probs, estimate = self.refine(x, centers, stage)
-            stages.append((probs, estimate, centers))
+            probs, estimate = self.refine(x, centers, stage, landmarks)
+            stages.append((probs, estimate, centers, landmarks))
         return stages
 
     # -- Grad-CAM
@@ -184,24 +195,25 @@ class LocNet(LandmarkNetwork):
         spacing = self.spacing.to(target_ijk.dtype)
         target_mm = target_ijk * spacing
         total = 0.0
-        for n, ((probs, estimate, centers), weight) in enumerate(zip(stages, self.stage_weights(progress))):
+        for n, ((probs, estimate, centers, landmarks), weight) in enumerate(zip(stages, self.stage_weights(progress))):
             scale = self.scales_mm[n]
+            truth, known = (target_mm, mask) if landmarks is None else (target_mm[:, landmarks], mask[:, landmarks])
             if centers is None:  # coarse: positions in coarse voxels
                 unit = spacing * torch.tensor([(a - 1) / (c - 1) for a, c in zip(self.input_size, self.coarse_size)],
                                               device=spacing.device, dtype=spacing.dtype)
-                pred_vox, target_vox = estimate / unit, target_mm / unit
+                pred_vox, target_vox = estimate / unit, truth / unit
             else:  # patch: positions in patch voxels around the crop centre
                 half = (self.patch_sizes[n - 1] - 1) / 2
                 unit = torch.full((3,), scale, device=spacing.device, dtype=spacing.dtype)
-                pred_vox, target_vox = (estimate - centers) / scale + half, (target_mm - centers) / scale + half
-            total = total + weight * landmark_loss(kind, probs, pred_vox, target_vox, mask, unit.tolist(),
+                pred_vox, target_vox = (estimate - centers) / scale + half, (truth - centers) / scale + half
+            total = total + weight * landmark_loss(kind, probs, pred_vox, target_vox, known, unit.tolist(),
                                                    max(sigma_mm, scale), alpha)
         return total
 
     # -- inference
     @torch.no_grad()
     def predict_indices(self, x):
-        return self.forward(x)[-1][1] / self.spacing
+        return self.forward(x)[-1][1] / self.spacing  # eval mode: every landmark
 
     def sample_indices(self, x, passes, generator, shift_mm):
         """Test-time noise injection (Ma et al.): each pass shifts the finest crops by a uniform random
