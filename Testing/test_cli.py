@@ -268,3 +268,46 @@ def test_info_prints_a_card_or_pure_json(tiny_model, capsys):
     document = json.loads(capsys.readouterr().out)  # the whole output is one JSON object
     assert document["schema"]["name"] == "afids-32" and document["config"]["architecture"] == "highres3dnet"
     assert "/" not in document["training"]["dataset"]  # no local folders recorded in a model file
+
+
+def test_evaluate_prints_table_iv_for_brain88(tmp_path, brain88, capsys):
+    """brain-88 data: one row per sub-anatomy with its MAE and RMSE (the paper's Table IV). Two cases of the
+    reference annotation, each sub-anatomy shifted by its own known amounts."""
+    from LandmarkDetectionLib.sample_data import REFERENCE_ANNOTATIONS
+    from LandmarkDetectionLib.resources import resources_dir
+
+    truth = read_landmarks(resources_dir() / REFERENCE_ANNOTATIONS["brain-88"], brain88)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    expected = {}
+    for n in range(2):
+        shifted = truth.copy()
+        for s, sub in enumerate(brain88.sub_anatomies):
+            shifted[brain88.indices_of(sub.name), 2] += (s + 1) * (n + 1)  # case n: (s+1)(n+1) mm along S
+            expected[sub.name] = ((s + 1) * 1.5, (s + 1) * np.sqrt((1 + 4) / 2))  # MAE, RMSE over the two cases
+        write_landmarks(tmp_path / "pred" / f"case{n}.mrk.json", brain88, shifted)
+        write_landmarks(tmp_path / "truth" / f"case{n}.mrk.json", brain88, truth)
+    assert main(["evaluate", "--predictions", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--output", str(tmp_path / "report.csv"), "--schema", "brain-88"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "RMSE" in line)
+    assert "Table IV" in out and header.split()[:4] == ["n", "MAE", "SD", "RMSE"]
+    rows = {line[:28].strip(): line[28:].split() for line in out.splitlines() if line.startswith("  ") and line.strip()[0].isalpha() and "RMSE" not in line}
+    assert list(rows) == [sub.name for sub in brain88.sub_anatomies]
+    for name, (mae, rmse) in expected.items():
+        n, mean, _, root = rows[name][:4]
+        assert int(n) == 2 * len(brain88.indices_of(name))
+        assert float(mean) == pytest.approx(mae, abs=0.006) and float(root) == pytest.approx(rmse, abs=0.006)
+
+
+def test_detect_picks_the_bundled_model_of_a_schema(tiny_model, tiny_dataset, tmp_path, capsys):
+    scan = str(tiny_dataset / "case00.nii.gz")
+    # Without --model the schema's bundled model detects: the AFIDs file it writes has all 32 landmarks.
+    assert main(["detect", "--schema", "afids-32", "--input", scan, "--output", str(tmp_path / "a"),
+                 "--progress", "none"]) == 0
+    assert json.loads((tmp_path / "a" / "case00.mrk.json").read_text())["markups"][0]["controlPoints"].__len__() == 32
+    # A model of another schema than --schema asks for is refused, naming the model; nothing is written.
+    assert main(["detect", "--model", str(tiny_model), "--schema", "brain-88", "--input", scan,
+                 "--output", str(tmp_path / "b"), "--progress", "none"]) == 2
+    assert f"{tiny_model}: detects schema 'afids-32', not --schema brain-88" in _one_error_line(capsys)
+    assert not (tmp_path / "b").exists()

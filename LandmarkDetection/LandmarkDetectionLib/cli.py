@@ -17,6 +17,8 @@ from .annotation import add_qa_command
 from .datasets import add_dataset_command
 from .planes import add_planes_command
 from .recipes import RECIPES
+from .resources import BUNDLED_MODELS, bundled_model_path
+from .sample_data import SAMPLE_SCHEMAS
 
 
 def _triple(kind):
@@ -177,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("detect", help="detect landmarks in a volume or a folder of volumes")
     p.set_defaults(handler=cmd_detect)
-    p.add_argument("--model", required=True, help="model .safetensors file")
+    p.add_argument("--model", help="model .safetensors file (default: the bundled model of --schema)")
+    p.add_argument("--schema", default=None,
+                   help=f"without --model: the schema whose bundled model detects ({', '.join(BUNDLED_MODELS)}; "
+                        f"default: {next(iter(BUNDLED_MODELS))}); with --model: the schema the model must detect")
     p.add_argument("--input", required=True, help="volume file, DICOM folder, folder of volumes or BIDS dataset")
     p.add_argument("--output", required=True, help="folder for NAME.mrk.json and NAME.csv")
     p.add_argument("--bids", action="store_true", help="write a BIDS-derivatives layout: "
@@ -226,16 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_common(p)
 
-    p = commands.add_parser("demo", help="the main job: detect the AFIDs of an unseen scan of the sample brain")
+    p = commands.add_parser("demo", help="the main job: detect the landmarks of an unseen scan of the sample brain")
     p.set_defaults(handler=cmd_demo)
+    p.add_argument("--schema", choices=SAMPLE_SCHEMAS, default="afids-32",
+                   help="afids-32 (the human AFIDs consensus is the truth) or brain-88 (the project's reference "
+                        "annotation is the truth), each with its bundled model (default: afids-32)")
     p.add_argument("--output", default="demo-output", help="folder for the scan, landmarks and summary")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in --output")
-    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
+    p.add_argument("--model", default=None, help="model file (default: the bundled model of --schema)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=2026,
                    help="seed of the test scan's head position and artefacts")
     p.add_argument("--train-model", metavar="WORK", help="instead, train the bundled model from scratch in WORK")
-    p.add_argument("--recipe", default="afids-32", help="with --train-model: afids-32 (the generalising recipe) "
-                                                         "or afids-32-poses (the earlier one)")
+    p.add_argument("--recipe", default="afids-32", choices=tuple(RECIPES),
+                   help="with --train-model: afids-32 or brain-88 (the generalising recipe on each schema) or "
+                        "afids-32-poses (the earlier one) (default: afids-32)")
     p.add_argument("--epochs", type=number(int, 1, 10000), default=None,
                    help="with --train-model (default: the recipe's)")
     p.add_argument("--workers", type=number(int, 0, 64), default=None,
@@ -330,12 +339,15 @@ def cmd_detect(args) -> int:
     from .runtime import Progress, pick_device
 
     device = pick_device(args.device)
-    model = load_model(args.model, device)
+    model_path = args.model or bundled_model_path(args.schema)
+    model = load_model(model_path, device)
+    if args.schema and args.schema != model.schema.name:
+        raise LandmarkError(model_path, f"detects schema '{model.schema.name}', not --schema {args.schema}")
     volumes = input_volumes(args.input, args.bids, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
     output = check_writable_dir(args.output)
     options = _uncertainty_options(args)
     if (mismatch := calibration_mismatch(model, options)) is not None:
-        print(f"warning: {args.model}: {mismatch}", file=sys.stderr)
+        print(f"warning: {model_path}: {mismatch}", file=sys.stderr)
     if args.bids:
         write_bids_description(output)
     progress = Progress(args.progress)
@@ -461,14 +473,16 @@ def cmd_demo(args) -> int:
 
     if args.train_model:
         from .recipes import train_bundled_model
-        from .resources import bundled_model_path
 
         path = train_bundled_model(args.train_model, args.recipe, args.epochs, args.workers, args.device,
                                    args.progress, args.resume)
-        print(f"model: {path} (the bundled one is {bundled_model_path()})")
+        schema = RECIPES[args.recipe]["schema"]
+        bundled = f" (the bundled one is {bundled_model_path(schema)})" if schema in BUNDLED_MODELS else ""
+        print(f"model: {path}{bundled}")
         return 0
-    summary = run_demo(args.output, args.model, args.device, args.seed, overwrite=args.overwrite)
-    print(f"Detected {summary['n']} AFIDs on an unseen scan of the sample brain in {summary['detect_seconds']} s "
+    summary = run_demo(args.output, args.model, args.device, args.seed, overwrite=args.overwrite,
+                       schema_name=args.schema)
+    print(f"Detected {summary['n']} landmarks ({summary['schema']}) on an unseen scan of the sample brain in {summary['detect_seconds']} s "
           f"(with {summary['passes']} uncertainty passes; {summary['seconds']} s for the whole demo "
           f"with Grad-CAM and the report, {summary['device']}).")
     print(f"Mean radial error {summary['mre_mm']:.2f} +- {summary['sd_mm']:.2f} mm; within 2 mm: "

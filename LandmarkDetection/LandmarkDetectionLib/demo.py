@@ -17,7 +17,7 @@ from .fileio import atomic_write_text, check_outputs, check_writable_dir, write_
 from .metrics import radial_errors, summarize
 from .modelfile import load_model
 from .resources import bundled_model_path
-from .testscans import make_test_scan, sample_case
+from .testscans import SURVEY_SIZE, make_test_scan, sample_case
 
 
 
@@ -26,11 +26,18 @@ DEMO_FILES = ("test_scan.nii.gz", "truth.mrk.json", "test_scan.mrk.json", "test_
               "report.html", "summary.json")
 
 
+# The landmarks whose Grad-CAM the demo shows: for AFIDs four of the commissures and deep structures, for
+# brain-88 the first of each sub-anatomy.
+GRADCAM_LANDMARKS = {"afids-32": ("AC", "PC", "GENU", "RALTH")}
+
+
 def run_demo(output: str | Path, model_path: str | Path | None = None, device: str = "auto", seed: int = 2026,
-             passes: int = 50, flag_mm: float = 5.0, gradcam_landmarks=("AC", "PC", "GENU", "RALTH"),
-             overwrite: bool = False) -> dict:
-    """Make the unseen test scan, detect with uncertainty, explain a few landmarks with Grad-CAM, and write
-    everything with report.html into ``output`` (an earlier demo's files only replaced with ``overwrite``)."""
+             passes: int = 50, flag_mm: float = 5.0, gradcam_landmarks=None, overwrite: bool = False,
+             schema_name: str = "afids-32") -> dict:
+    """Make the unseen test scan, detect the landmarks of ``schema_name`` with uncertainty (the sample brain's
+    annotation of that schema is the truth), explain a few landmarks with Grad-CAM, and write everything with
+    report.html into ``output`` (an earlier demo's files only replaced with ``overwrite``). The scan is
+    acquired in the paper's survey geometry."""
     from . import demo_report, figures
     from .detect import UncertaintyOptions, detect_volume
     from .gradcam import compute_gradcam
@@ -40,11 +47,11 @@ def run_demo(output: str | Path, model_path: str | Path | None = None, device: s
     check_outputs([Path(output) / name for name in DEMO_FILES], overwrite=overwrite)
     output = check_writable_dir(output)
     device = pick_device(device)
-    model_path = Path(model_path) if model_path else bundled_model_path()
+    model_path = Path(model_path) if model_path else bundled_model_path(schema_name)
     model = load_model(model_path, device)
-    image, landmarks, schema, files = sample_case()
-    model.check_schema(schema, files.afids)
-    scan, truth, _ = make_test_scan(image, landmarks, seed)
+    image, landmarks, schema, files = sample_case(schema_name)
+    model.check_schema(schema, model_path)
+    scan, truth, _ = make_test_scan(image, landmarks, seed, SURVEY_SIZE)
     write_volume(scan, output / "test_scan.nii.gz")
     write_markups_json(output / "truth.mrk.json", schema, truth, name="truth")
 
@@ -57,6 +64,9 @@ def run_demo(output: str | Path, model_path: str | Path | None = None, device: s
     paths = write_detection(model, detection, output, overwrite=True, extra_columns={"error_mm": errors},
                             options=options)
 
+    if gradcam_landmarks is None:
+        gradcam_landmarks = GRADCAM_LANDMARKS.get(schema.name) or [
+            next(lm.name for lm in schema.landmarks if lm.sub_anatomy == sub.name) for sub in schema.sub_anatomies]
     chosen = [schema.lookup(name) for name in gradcam_landmarks if schema.lookup(name) is not None]
     cams = compute_gradcam(model, scan, chosen, device=device)
     (output / "gradcam").mkdir(exist_ok=True)
@@ -70,7 +80,7 @@ def run_demo(output: str | Path, model_path: str | Path | None = None, device: s
     summary.update(seconds=round(time.monotonic() - started, 1), detect_seconds=round(detect_seconds, 2),
                    device=str(device), model=str(model_path), passes=passes,
                    flagged=int(detection.flagged(flag_mm).sum()), coverage=float(uncertainty.covers(truth).mean()),
-                   landmarks=str(paths["markups"]),
+                   landmarks=str(paths["markups"]), schema=schema.name,
                    note="The test scan was made from the training template (new head position, 2.2 mm slices, "
                         "scanner artefacts); accuracy on unseen anatomy is measured by benchmarks/heldout.py.")
     figure_paths = {key: output / f"{key}.png" for key in ("landmarks", "errors", "uncertainty", "gradcam")}

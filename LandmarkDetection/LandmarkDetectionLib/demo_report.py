@@ -199,12 +199,12 @@ def write_html(path, summary: dict, model, schema, errors, semi_axes, flag_mm, f
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}} table{{border-collapse:collapse;font-size:90%}}
 td,th{{border:1px solid #ccc;padding:2px 6px}} tr.flag{{background:#fdd}} .note{{background:#ffd;padding:.6em;border:1px solid #cc9}}</style>
 </head><body><h1>Landmark detection on an unseen scan of the sample brain</h1>
-<p><b>{summary['n']} AFIDs</b> detected in {summary['seconds']:.1f} s ({e(summary['device'])}), with {summary['passes']} noise passes for
+<p><b>{summary['n']} landmarks of schema {e(schema.name)}</b> detected in {summary['seconds']:.1f} s ({e(summary['device'])}), with {summary['passes']} noise passes for
 uncertainty. Mean radial error <b>{summary['mre_mm']:.2f} &plusmn; {summary['sd_mm']:.2f} mm</b> (median {summary['median_mm']:.2f} mm,
 max {summary['max_mm']:.2f} mm). Successful detection rate: {sdr}. {summary['flagged']} landmark(s) flagged as uncertain
 (longest 90% ellipsoid semi-axis over {flag_mm:g} mm); 90% ellipsoids holding the truth: {summary['coverage'] * 100:.0f}%.</p>
 <p class="note"><b>Read this first.</b> The test scan was made from the same template the bundled model was trained on: a new
-random oblique head position, re-acquired with 2.2 mm axial slices, with bias field, ghosting and noise. It shows the tool
+random oblique head position, re-acquired with 2.2 mm axial slices (224x224x101 voxels), with bias field, ghosting and noise. It shows the tool
 working end to end; it does not measure accuracy on anatomy the model never saw (benchmarks/heldout.py does, on two other
 brain templates).</p>
 {legend_html(schema, flag_mm)}

@@ -139,9 +139,11 @@ def write_evaluation_csv(evaluation: Evaluation, path: str | Path) -> None:
 
 
 def format_table(evaluation: Evaluation) -> str:
-    """The printed summary: overall, sub-anatomies (the paper's Table IV) and groups."""
-    header = f"{'':<28}{'n':>6}{'MRE':>8}{'SD':>8}{'RMSE':>8}" + "".join(f"{f'SDR{t:g}':>8}" for t in SDR_THRESHOLDS_MM)
-    lines = [f"{len(evaluation.cases)} case(s), schema {evaluation.schema.name}; errors in mm, SDR in %", header]
+    """The printed summary: overall, sub-anatomies (the paper's Table IV: MAE and RMSE of the radial error
+    per sub-anatomy) and groups."""
+    header = f"{'':<28}{'n':>6}{'MAE':>8}{'SD':>8}{'RMSE':>8}" + "".join(f"{f'SDR{t:g}':>8}" for t in SDR_THRESHOLDS_MM)
+    lines = [f"{len(evaluation.cases)} case(s), schema {evaluation.schema.name}; radial errors in mm (MAE: their mean, "
+             "the MRE), SDR in %; the sub-anatomy rows are the source paper's Table IV", header]
     for row in evaluation.rows():
         if row["level"] == "landmark" or row.get("n", 0) == 0:
             continue

@@ -60,6 +60,22 @@ def fetch_sample(folder: Path | None = None) -> SampleFiles:
     return SampleFiles(files["t1w"], files["afids"], info["attribution"], files.get("t2w"))
 
 
+# The sample brain's annotation for each schema: AFIDs-32 is the human consensus in the wheel; brain-88 is
+# the project's reference annotation of the same template (Resources/ReferenceAnnotations, its README section).
+REFERENCE_ANNOTATIONS = {"brain-88": "ReferenceAnnotations/brain88_MNI152NLin2009cAsym.mrk.json"}
+SAMPLE_SCHEMAS = ("afids-32", *REFERENCE_ANNOTATIONS)  # the schemas the sample brain is annotated with
+
+
+def sample_landmarks_file(files: SampleFiles, schema: str = "afids-32") -> Path:
+    """The file holding the sample brain's landmarks of ``schema``."""
+    if schema == "afids-32":
+        return files.afids
+    if schema not in REFERENCE_ANNOTATIONS:
+        raise LandmarkError(schema, f"the sample brain has no annotation of this schema; it has afids-32, "
+                                    f"{', '.join(REFERENCE_ANNOTATIONS)}")
+    return resources_dir() / REFERENCE_ANNOTATIONS[schema]
+
+
 def _download_wheel(info: dict) -> Path:
     wheels = cache_dir() / "wheels"
     wheel = wheels / info["wheel"]

@@ -12,15 +12,19 @@ import torch
 
 from .geometry import apply_matrix, centered_grid, move_image, physical_center_ras, rigid_matrix
 from .fileio import read_landmarks, read_volume, write_markups_json, write_volume
-from .sample_data import fetch_sample
+from .sample_data import fetch_sample, sample_landmarks_file
 from .schema import load_schema
 
 
-def sample_case():
-    """The sample T1w volume, its AFIDs (RAS), the schema and the sample's files."""
+def sample_case(schema_name: str = "afids-32"):
+    """The sample T1w volume, its landmarks of ``schema_name`` (RAS), the schema and the sample's files."""
     files = fetch_sample()
-    schema = load_schema("afids-32")
-    return read_volume(files.t1w), read_landmarks(files.afids, schema), schema, files
+    schema = load_schema(schema_name)
+    return read_volume(files.t1w), read_landmarks(sample_landmarks_file(files, schema_name), schema), schema, files
+
+
+# The source paper's survey acquisition: 224x224 voxels of 1 mm in plane, 101 axial slices of 2.2 mm.
+SURVEY_SIZE, SURVEY_SPACING = (224, 224, 101), (1.0, 1.0, 2.2)
 
 
 def random_head_position(image: sitk.Image, rng: np.random.Generator, degrees=15.0, mm=15.0) -> np.ndarray:
@@ -35,15 +39,16 @@ def acquire(image: sitk.Image, spacing=(1.0, 1.0, 2.2), size=(192, 224, 90)) -> 
     return sitk.Resample(image, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
 
 
-def make_test_scan(image: sitk.Image, landmarks: np.ndarray, seed: int = 2026):
-    """An unseen test scan: a random oblique head position, 2.2 mm slices, noise, bias field and ghosting."""
+def make_test_scan(image: sitk.Image, landmarks: np.ndarray, seed: int = 2026, size=(192, 224, 90)):
+    """An unseen test scan: a random oblique head position, 2.2 mm slices (``size`` voxels, 1 mm in plane),
+    noise, bias field and ghosting."""
     import torchio as tio
 
     from .augment import from_torchio, to_torchio
 
     rng = np.random.default_rng(seed)
     motion = random_head_position(image, rng)
-    scan = acquire(move_image(image, motion))
+    scan = acquire(move_image(image, motion), size=size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         artefacts = tio.Compose([tio.RandomBiasField(coefficients=0.3), tio.RandomGhosting(num_ghosts=(2, 4), intensity=(0.1, 0.3)),
