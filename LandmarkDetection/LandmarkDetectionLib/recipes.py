@@ -26,8 +26,8 @@ _GENERALISING = dict(architecture="locnet", channels=(16, 16, 12), scales_mm=(6.
 RECIPES = {
     "afids-32": dict(schema="afids-32", **_GENERALISING),
     # 32 of the 88 landmarks' patches per step: the afids-32 recipe's network cost per step (patch stages
-    # dominate); two synthesising workers and 20 epochs keep it within 2 hours on 2 CPU cores.
-    "brain-88": dict(schema="brain-88", train_patch_landmarks=32, **{**_GENERALISING, "epochs": 20, "workers": 2}),
+    # dominate); two synthesising workers and 15 epochs keep it within 1.5 hours on 2 CPU cores.
+    "brain-88": dict(schema="brain-88", train_patch_landmarks=32, **{**_GENERALISING, "epochs": 15, "workers": 2}),
     "afids-32-poses": dict(schema="afids-32", architecture="locnet", channels=(12, 12, 8), scales_mm=(6.0, 3.0, 1.5),
                            patch_sizes=(16, 12), size=(96, 112, 96), spacing=(2.0, 2.0, 2.0), lr=3e-3, loss="mixed",
                            alpha=0.4, sigma_mm=3.0, val_fraction=0.125, patience=30, seed=0, augment="default",
