@@ -225,7 +225,7 @@ def test_available_models_lists_bundled_then_the_folder_and_damaged_files_with_t
     (folder / "a-damaged.safetensors").write_bytes(tiny_model.read_bytes()[:100])
     (folder / "notes.txt").write_text("not a model")
     entries = available_models(folder)
-    assert [e.name for e in entries] == ["afids32 (bundled)", "a-damaged", "b-model"]
+    assert [e.name for e in entries] == ["afids-32 (bundled)", "a-damaged", "b-model"]
     bundled, damaged, mine = entries
     assert bundled.bundled and bundled.usable and bundled.path == bundled_model_path() and bundled.schema == "afids-32"
     assert not damaged.usable and "truncated" in damaged.problem and "\n" not in damaged.problem
@@ -233,7 +233,7 @@ def test_available_models_lists_bundled_then_the_folder_and_damaged_files_with_t
     assert mine.description == ("afids-32 (32 landmarks), highres3dnet; validation MRE 2.50 mm; 3 epochs, "
                                 "recipe afids-32-poses")
     assert training.model_recipe(mine.path) == "afids-32-poses"
-    assert [e.name for e in available_models(tmp_path / "absent")] == ["afids32 (bundled)"]
+    assert [e.name for e in available_models(tmp_path / "absent")] == ["afids-32 (bundled)"]
 
 
 def header_only_model(path: Path, **parts) -> Path:
@@ -276,7 +276,7 @@ def test_models_are_listed_before_torch_is_installed(tiny_model):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO / "LandmarkDetection"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[('afids32 (bundled)', True), ('model', True)]"
+    assert result.stdout.strip() == "[('afids-32 (bundled)', True), ('model', True)]"
 
 
 # ----------------------------------------------------------------------------------------------- end to end

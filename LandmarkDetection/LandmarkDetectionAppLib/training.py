@@ -368,13 +368,14 @@ def install_model(model_path: Path, folder: Path, name: str | None = None) -> Pa
 
 
 def available_models(folder: Path | None) -> list[ModelEntry]:
-    """The bundled models, then ``folder``'s models by name; whatever is wrong with one is its problem."""
+    """The bundled models, named by their schema (the user picks the schema to detect), then ``folder``'s
+    models by name; whatever is wrong with one is its problem."""
     try:
         bundled, missing = [resources_dir() / relative for relative in BUNDLED_MODELS.values()], ""
     except OSError as error:  # an incomplete installation: the bundled models are listed, unusable
         bundled, missing = [Path(relative) for relative in BUNDLED_MODELS.values()], f"not installed ({error})"
-    entries = [_entry(path, f"{path.name[: -len(MODEL_SUFFIX)]} (bundled)", True, k == 0, missing)
-               for k, path in enumerate(bundled)]
+    entries = [_entry(path, f"{schema} (bundled)", True, k == 0, missing)
+               for k, (schema, path) in enumerate(zip(BUNDLED_MODELS, bundled))]
     if folder is None:
         return entries
     listed = {path.resolve() for path in bundled}
