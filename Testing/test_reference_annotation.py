@@ -133,3 +133,19 @@ def test_the_figures_are_shipped_small(brain88):
     figures = sorted((FOLDER / "figures").glob("brain88_*.png"))
     assert len(figures) == len(brain88.sub_anatomies)
     assert all(path.stat().st_size < 200_000 for path in figures)
+
+
+def test_the_bundled_brain88_model_is_chosen_by_its_schema_and_states_its_recipe():
+    """brain-88 ships beside the AFIDs model (each at most 20 MB); the schema picks it, and its metadata
+    states data, recipe and the uncertainty calibration with the registration prior."""
+    from LandmarkDetectionLib.modelheader import read_header
+    from LandmarkDetectionLib.resources import BUNDLED_MODELS, bundled_model_path
+
+    assert list(BUNDLED_MODELS) == ["afids-32", "brain-88"]
+    for schema in BUNDLED_MODELS:
+        path = bundled_model_path(schema)
+        header = read_header(path)
+        assert path.stat().st_size <= 20 * 1024 ** 2 and header.schema["name"] == schema
+    header = read_header(bundled_model_path("brain-88"))
+    assert header.training["recipe"] == "brain-88" and "brain-88 reference annotation" in header.training["training_data"]
+    assert "reference" in header.metadata and header.metrics["calibration"]["cases"] == 12

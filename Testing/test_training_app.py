@@ -225,15 +225,16 @@ def test_available_models_lists_bundled_then_the_folder_and_damaged_files_with_t
     (folder / "a-damaged.safetensors").write_bytes(tiny_model.read_bytes()[:100])
     (folder / "notes.txt").write_text("not a model")
     entries = available_models(folder)
-    assert [e.name for e in entries] == ["afids-32 (bundled)", "a-damaged", "b-model"]
-    bundled, damaged, mine = entries
+    assert [e.name for e in entries] == ["afids-32 (bundled)", "brain-88 (bundled)", "a-damaged", "b-model"]
+    bundled, bundled88, damaged, mine = entries
+    assert bundled88.usable and not bundled88.default and bundled88.path == bundled_model_path("brain-88")
     assert bundled.bundled and bundled.usable and bundled.path == bundled_model_path() and bundled.schema == "afids-32"
     assert not damaged.usable and "truncated" in damaged.problem and "\n" not in damaged.problem
     assert mine.usable and not mine.bundled and mine.schema == "afids-32"
     assert mine.description == ("afids-32 (32 landmarks), highres3dnet; validation MRE 2.50 mm; 3 epochs, "
                                 "recipe afids-32-poses")
     assert training.model_recipe(mine.path) == "afids-32-poses"
-    assert [e.name for e in available_models(tmp_path / "absent")] == ["afids-32 (bundled)"]
+    assert [e.name for e in available_models(tmp_path / "absent")] == ["afids-32 (bundled)", "brain-88 (bundled)"]
 
 
 def header_only_model(path: Path, **parts) -> Path:
@@ -253,17 +254,17 @@ def test_one_odd_model_file_never_breaks_the_list(tmp_path, monkeypatch):
     header_only_model(folder / "a.safetensors", schema=schema, config={"architecture": "locnet"},
                       metrics={"validation": 2.5}, training={"recipe": 7})
     header_only_model(folder / "b.safetensors", schema={"name": "x", "landmarks": 3})
-    odd, damaged = available_models(folder)[1:]
+    odd, damaged = available_models(folder)[2:]
     assert odd.usable and odd.description == "afids-32 (1 landmarks), locnet; recipe 7"
     assert not damaged.usable and damaged.problem.startswith("model metadata is damaged (TypeError:")
-    assert [e.default for e in available_models(folder)] == [True, False, False]
+    assert [e.default for e in available_models(folder)] == [True, False, False, False]
 
     def no_resources():
         raise FileNotFoundError("Resources/Schemas not found beside the backend")
 
     monkeypatch.setattr(training, "resources_dir", no_resources)  # an incomplete installation
-    bundled, *rest = available_models(folder)
-    assert bundled.default and bundled.bundled and not bundled.usable
+    bundled, bundled88, *rest = available_models(folder)
+    assert bundled.default and bundled.bundled and not bundled.usable and not bundled88.usable
     assert bundled.problem == "not installed (Resources/Schemas not found beside the backend)"
     assert [e.name for e in rest] == ["a", "b"]
 
@@ -276,7 +277,7 @@ def test_models_are_listed_before_torch_is_installed(tiny_model):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO / "LandmarkDetection"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[('afids-32 (bundled)', True), ('model', True)]"
+    assert result.stdout.strip() == "[('afids-32 (bundled)', True), ('brain-88 (bundled)', True), ('model', True)]"
 
 
 # ----------------------------------------------------------------------------------------------- end to end

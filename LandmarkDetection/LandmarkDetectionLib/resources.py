@@ -7,7 +7,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 # The model bundled for each schema (Resources/Models); the first is the default.
-BUNDLED_MODELS = {"afids-32": "Models/afids32.safetensors"}
+BUNDLED_MODELS = {"afids-32": "Models/afids32.safetensors", "brain-88": "Models/brain88.safetensors"}
 
 
 def resources_dir() -> Path:
