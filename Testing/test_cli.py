@@ -311,3 +311,16 @@ def test_detect_picks_the_bundled_model_of_a_schema(tiny_model, tiny_dataset, tm
                  "--output", str(tmp_path / "b"), "--progress", "none"]) == 2
     assert f"{tiny_model}: detects schema 'afids-32', not --schema brain-88" in _one_error_line(capsys)
     assert not (tmp_path / "b").exists()
+
+
+def test_detect_without_passes_warns_that_a_fusing_model_gives_its_network_alone(tmp_path, capsys):
+    from LandmarkDetectionLib.detect import UncertaintyOptions, calibration_mismatch
+    from LandmarkDetectionLib.modelfile import load_model
+    from LandmarkDetectionLib.resources import bundled_model_path
+
+    fusing, plain = load_model(bundled_model_path("brain-88")), load_model(bundled_model_path("afids-32"))
+    assert fusing.prior_covariance is not None and plain.prior_covariance is None
+    warning = calibration_mismatch(fusing, UncertaintyOptions(passes=0))
+    assert "network's estimate alone, not fused with its registration prior (pass --uncertainty 50)" in warning
+    assert calibration_mismatch(fusing, UncertaintyOptions(passes=50)) is None
+    assert calibration_mismatch(plain, UncertaintyOptions(passes=0)) is None

@@ -165,8 +165,12 @@ def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path
 
 def calibration_mismatch(model: LandmarkModel, options: UncertaintyOptions) -> str | None:
     """A warning when uncertainty is asked with other noise settings than the model's calibration was
-    fitted with (its covariance scale holds for those only), else None."""
+    fitted with (its covariance scale holds for those only), or not asked of a model that fuses its
+    network with its registration prior (fusion needs the network's spread), else None."""
     fitted = model.metrics.get("calibration") or {}
+    if options.passes <= 0 and model.prior_covariance is not None:
+        return (f"without uncertainty passes this model gives its network's estimate alone, not fused with its "
+                f"registration prior (pass --uncertainty {fitted.get('passes', 50)})")
     if options.passes <= 0 or not fitted.get("passes"):
         return None
     asked = {"passes": options.passes, "shift_mm": options.shift_mm}
