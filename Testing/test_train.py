@@ -186,7 +186,7 @@ def test_distributed_training_with_torchrun_gloo(tiny_dataset, tmp_path):
 
 
 def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset, tmp_path, afids32):
-    """--synthesis: the model file carries the reference (3 mm image and landmark region) and detection on
+    """--synthesis: the model file carries the reference (2 mm image and landmark region) and detection on
     a moved scan aligns it first; the model header says so without torch."""
     from LandmarkDetectionLib.detect import detect_path
     from LandmarkDetectionLib.modelheader import read_header
@@ -250,8 +250,11 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     mean, covariance = fuse(network.mean, network.covariance, *prior)
     assert np.allclose(fused.mean, mean) and np.allclose(fused.covariance, covariance * loaded.config.fused_scale)
     assert np.allclose(prior[0], fused_alignment.to_scan(model.prior))
-    # Fused, the estimate is more certain than either alone (before the ellipsoids' recalibration).
-    assert (np.linalg.det(covariance) < np.linalg.det(network.covariance)).all()
+    # The product of the two is more certain than the network alone; the fused covariance adds their
+    # disagreement to it, never takes away (before the ellipsoids' recalibration).
+    product = np.linalg.inv(np.linalg.inv(network.covariance + 1e-4 * np.eye(3)) + np.linalg.inv(prior[1]))
+    assert (np.linalg.det(product) < np.linalg.det(network.covariance)).all()
+    assert (np.linalg.eigvalsh(covariance - product) > -1e-6).all()
 
 
 def test_cosine_schedule_anneals_to_a_hundredth_by_the_last_epoch(tiny_dataset, tmp_path):

@@ -67,14 +67,18 @@ def test_locnet_batched_passes_equal_sequential_passes(afids32):
 
 
 def test_fusion_weighs_two_estimates_by_their_precision():
-    """Known answers: equal covariances give the midpoint and half the covariance; per axis, the more
-    precise estimate wins that axis; identical passes (zero spread) keep the network's answer."""
+    """Known answers: equal covariances give the midpoint and half the covariance plus the two means' spread
+    (w (1 - w) d d^T); per axis, the more precise estimate wins that axis; identical passes (zero spread) keep the network's answer."""
     a, b = np.array([[0.0, 0.0, 0.0]]), np.array([[2.0, 4.0, -6.0]])
+    disagreement = 0.25 * np.outer(a - b, a - b)  # equal shares: w (1 - w) = 1/4
     mean, covariance = fuse(a, np.eye(3)[None] * 4, b, np.eye(3)[None] * 4)
-    assert np.allclose(mean, [[1.0, 2.0, -3.0]]) and np.allclose(covariance, np.eye(3) * 2, atol=1e-4)
+    assert np.allclose(mean, [[1.0, 2.0, -3.0]]) and np.allclose(covariance, np.eye(3) * 2 + disagreement, atol=1e-4)
+    mean, covariance = fuse(a, np.eye(3)[None] * 4, a, np.eye(3)[None] * 4)  # agreeing: the product alone
+    assert np.allclose(covariance, np.eye(3) * 2, atol=1e-4)
     mean, covariance = fuse(a, np.diag([1.0, 9.0, 1.0])[None], b, np.diag([9.0, 1.0, 1.0])[None])
     assert np.allclose(mean, [[0.2, 3.6, -3.0]], atol=1e-4)
-    assert np.allclose(np.diag(covariance[0]), [0.9, 0.9, 0.5], atol=1e-4)
+    # a's shares per axis 0.9, 0.1, 0.5: 0.5 on average
+    assert np.allclose(covariance[0], np.diag([0.9, 0.9, 0.5]) + disagreement, atol=1e-4)
     mean, _ = fuse(a, np.zeros((1, 3, 3)), b, np.eye(3)[None] * 25)
     assert np.allclose(mean, a, atol=1e-4)
 
