@@ -86,7 +86,7 @@ class LandmarkModel:
 
     def save(self, path: str | Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.network).state_dict().items()}
-        if self.reference is not None:  # small: a 3 mm image in half precision and a byte mask
+        if self.reference is not None:  # small: a 2 mm image (align.REFERENCE_SPACING_MM) in half precision and a byte mask
             state[REFERENCE_IMAGE] = torch.from_numpy(sitk.GetArrayFromImage(self.reference)).half()
             state[REFERENCE_REGION] = torch.from_numpy(sitk.GetArrayFromImage(self.region).astype(np.uint8))
         if self.prior is not None:

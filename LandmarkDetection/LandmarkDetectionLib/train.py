@@ -566,7 +566,7 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: flo
 
 
 def _synthesis_setup(options: TrainOptions, schema, splits, source: LandmarkModel | None = None):
-    """The generalising recipe: the first training case is the reference frame (its 3 mm copy and the
+    """The generalising recipe: the first training case is the reference frame (its 2 mm copy and the
     landmark region go into the model file); every case is aligned to it, split into tissue classes, and
     drawn from by synth.py. Validation: a fixed set of synthetic samples from the validation cases (or,
     with one case, from the training case with other seeds). Fine-tuning a model that aligns scans first
