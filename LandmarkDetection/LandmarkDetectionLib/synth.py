@@ -47,8 +47,8 @@ class SynthesisConfig:
     deform_spacing_mm: float = 40.0
     local_mm: float = 1.0  # small-scale displacement SD (drawn up to this), control points every:
     local_spacing_mm: float = 15.0
-    blur_mm: tuple[float, float] = (0.3, 1.2)  # partial-volume blur (Gaussian sigma)
-    slice_mm: tuple[float, float] = (1.0, 3.5)  # simulated slice thickness along a random axis
+    blur_mm: tuple[float, float] = (0.3, 3.0)  # partial-volume blur (Gaussian sigma)
+    slice_mm: tuple[float, float] = (1.0, 5.0)  # simulated slice thickness along a random axis
     slice_probability: float = 0.7
     bias: float = 0.4  # SD of the log bias field (drawn up to this)
     gamma_sd: float = 0.3  # log-gamma SD
