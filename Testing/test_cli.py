@@ -306,6 +306,7 @@ def test_detect_picks_the_bundled_model_of_a_schema(tiny_model, tiny_dataset, tm
     assert main(["detect", "--schema", "afids-32", "--input", scan, "--output", str(tmp_path / "a"),
                  "--progress", "none"]) == 0
     assert json.loads((tmp_path / "a" / "case00.mrk.json").read_text())["markups"][0]["controlPoints"].__len__() == 32
+    assert "without uncertainty passes this model gives its network's estimate alone" in capsys.readouterr().err
     # A model of another schema than --schema asks for is refused, naming the model; nothing is written.
     assert main(["detect", "--model", str(tiny_model), "--schema", "brain-88", "--input", scan,
                  "--output", str(tmp_path / "b"), "--progress", "none"]) == 2
@@ -318,8 +319,9 @@ def test_detect_without_passes_warns_that_a_fusing_model_gives_its_network_alone
     from LandmarkDetectionLib.modelfile import load_model
     from LandmarkDetectionLib.resources import bundled_model_path
 
-    fusing, plain = load_model(bundled_model_path("brain-88")), load_model(bundled_model_path("afids-32"))
-    assert fusing.prior_covariance is not None and plain.prior_covariance is None
+    fusing, plain = load_model(bundled_model_path("brain-88")), load_model(bundled_model_path("brain-88"))
+    plain.prior_covariance = None  # the same network without its calibrated prior
+    assert fusing.prior_covariance is not None
     warning = calibration_mismatch(fusing, UncertaintyOptions(passes=0))
     assert "network's estimate alone, not fused with its registration prior (pass --uncertainty 50)" in warning
     assert calibration_mismatch(fusing, UncertaintyOptions(passes=50)) is None

@@ -22,7 +22,7 @@ INTENDED_USE = ("Research use only; not for clinical use. Trained on one brain t
 
 _GENERALISING = dict(architecture="locnet", channels=(16, 16, 12), scales_mm=(6.0, 3.0, 1.0), patch_sizes=(12, 16),
                      spacing=(1.0, 1.0, 1.0), lr=2e-3, loss="mixed", alpha=0.4, sigma_mm=3.0, patience=12, seed=0,
-                     synthesis="default", samples_per_epoch=100, epochs=30, workers=1)
+                     synthesis="default", samples_per_epoch=100, epochs=24, workers=1)
 RECIPES = {
     "afids-32": dict(schema="afids-32", **_GENERALISING),
     # 32 of the 88 landmarks' patches per step: the afids-32 recipe's network cost per step (patch stages
