@@ -303,9 +303,16 @@ def test_evaluate_prints_table_iv_for_brain88(tmp_path, brain88, capsys):
 def test_detect_picks_the_bundled_model_of_a_schema(tiny_model, tiny_dataset, tmp_path, capsys):
     scan = str(tiny_dataset / "case00.nii.gz")
     # Without --model the schema's bundled model detects: the AFIDs file it writes has all 32 landmarks.
+    # It fuses its network with its registration prior, so without --uncertainty it runs its calibrated
+    # passes (and writes their ellipsoids); --uncertainty 0 gives the network alone, with a warning.
     assert main(["detect", "--schema", "afids-32", "--input", scan, "--output", str(tmp_path / "a"),
                  "--progress", "none"]) == 0
     assert json.loads((tmp_path / "a" / "case00.mrk.json").read_text())["markups"][0]["controlPoints"].__len__() == 32
+    assert json.loads((tmp_path / "a" / "case00.uncertainty.json").read_text())["passes"] == 50
+    assert "warning" not in capsys.readouterr().err
+    assert main(["detect", "--schema", "afids-32", "--input", scan, "--output", str(tmp_path / "a0"),
+                 "--uncertainty", "0", "--progress", "none"]) == 0
+    assert not (tmp_path / "a0" / "case00.uncertainty.json").exists()
     assert "without uncertainty passes this model gives its network's estimate alone" in capsys.readouterr().err
     # A model of another schema than --schema asks for is refused, naming the model; nothing is written.
     assert main(["detect", "--model", str(tiny_model), "--schema", "brain-88", "--input", scan,

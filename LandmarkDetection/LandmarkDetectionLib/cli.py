@@ -88,9 +88,12 @@ def _floats(text):
 
 
 def _add_uncertainty(parser, default_passes=0):
+    """``default_passes`` None: the model decides (detect.default_passes)."""
+    default_text = ("default: the model's calibrated passes if it fuses with its registration prior, else 0"
+                    if default_passes is None else f"default: {default_passes}")
     parser.add_argument("--uncertainty", type=_passes, nargs="?", const=50, default=default_passes, metavar="N",
                         help=f"test-time noise passes for uncertainty ellipsoids: 0 = off, or 2 to {MAX_PASSES} "
-                             "(N defaults to 50)")
+                             f"(N defaults to 50; {default_text})")
     parser.add_argument("--shift-mm", type=number(float, 0, 50), default=5.0,
                         help="locnet: uniform shift of the finest crops, 0 to 50 mm")
     parser.add_argument("--level", type=number(float, 0, 0.999, low_open=True), default=0.9,
@@ -100,12 +103,13 @@ def _add_uncertainty(parser, default_passes=0):
     parser.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of the noise passes")
 
 
-def _uncertainty_options(args):
-    from .detect import UncertaintyOptions
+def _uncertainty_options(args, model=None):
+    from .detect import UncertaintyOptions, default_passes
 
     if not 0 < args.level < 1:
         raise ValueError(f"--level {args.level}: expected a probability between 0 and 1")
-    return UncertaintyOptions(args.uncertainty, args.shift_mm, args.level, args.flag_mm, args.seed)
+    passes = default_passes(model) if args.uncertainty is None else args.uncertainty
+    return UncertaintyOptions(passes, args.shift_mm, args.level, args.flag_mm, args.seed)
 
 
 def _add_common(parser, progress=True):
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bids", action="store_true", help="write a BIDS-derivatives layout: "
                                                        "sub-X/[ses-Y/]anat/<input name>_landmarks.mrk.json, ...")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    _add_uncertainty(p)
+    _add_uncertainty(p, default_passes=None)
     _add_common(p)
 
     p = commands.add_parser("calibrate", help="fit the uncertainty recalibration factor on validation data")
@@ -345,7 +349,7 @@ def cmd_detect(args) -> int:
         raise LandmarkError(model_path, f"detects schema '{model.schema.name}', not --schema {args.schema}")
     volumes = input_volumes(args.input, args.bids, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
     output = check_writable_dir(args.output)
-    options = _uncertainty_options(args)
+    options = _uncertainty_options(args, model)
     if (mismatch := calibration_mismatch(model, options)) is not None:
         print(f"warning: {model_path}: {mismatch}", file=sys.stderr)
     if args.bids:

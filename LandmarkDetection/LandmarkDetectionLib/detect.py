@@ -163,6 +163,14 @@ def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path
     return paths
 
 
+def default_passes(model: LandmarkModel) -> int:
+    """Uncertainty passes when none are asked for: a model that fuses its network with its registration
+    prior needs them to fuse (the count it was calibrated with); any other model runs without."""
+    if model.prior_covariance is None:
+        return 0
+    return int((model.metrics.get("calibration") or {}).get("passes", UncertaintyOptions.passes))
+
+
 def calibration_mismatch(model: LandmarkModel, options: UncertaintyOptions) -> str | None:
     """A warning when uncertainty is asked with other noise settings than the model's calibration was
     fitted with (its covariance scale holds for those only), or not asked of a model that fuses its

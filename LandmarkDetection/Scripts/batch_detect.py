@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run(argv=None) -> int:
     from LandmarkDetectionLib.data import input_volumes
-    from LandmarkDetectionLib.detect import UncertaintyOptions, calibration_mismatch, detect_many, detection_summary
+    from LandmarkDetectionLib.detect import (UncertaintyOptions, calibration_mismatch, default_passes, detect_many,
+                                             detection_summary)
     from LandmarkDetectionLib.errors import LandmarkError
     from LandmarkDetectionLib.fileio import check_writable_dir
     from LandmarkDetectionLib.modelfile import load_model
@@ -32,7 +33,9 @@ def run(argv=None) -> int:
     parser.add_argument("--input", required=True, help="folder of volumes (or one volume)")
     parser.add_argument("--output", required=True, help="folder for NAME.mrk.json, NAME.csv and uncertainty files")
     parser.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    parser.add_argument("--uncertainty", type=int, default=0, help="noise passes for uncertainty ellipsoids (0 = off)")
+    parser.add_argument("--uncertainty", type=int, default=None,
+                        help="noise passes for uncertainty ellipsoids (0 = off; default: the model's calibrated "
+                             "passes if it fuses with its registration prior, else 0)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -44,7 +47,7 @@ def run(argv=None) -> int:
     except (LandmarkError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    options = UncertaintyOptions(passes=args.uncertainty)
+    options = UncertaintyOptions(passes=default_passes(model) if args.uncertainty is None else args.uncertainty)
     mismatch = calibration_mismatch(model, options)
     if mismatch is not None:
         print(f"warning: {mismatch}", flush=True)
