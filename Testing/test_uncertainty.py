@@ -157,8 +157,8 @@ def test_calibrate_writes_a_new_model_whose_ellipsoids_are_scaled(tiny_locnet, t
 
 @pytest.mark.parametrize("shift", [(3.0, -2.0, 4.0), (-4.5, 1.5, -2.5)])
 def test_trained_locnet_is_shift_equivariant(sample, shift):
-    """Moving the head by a few mm inside a fixed input grid (non-integer voxels) moves every prediction
-    by the same amount: the bundled model on the real sample brain."""
+    """Moving the head by a few mm inside a fixed input grid (non-integer voxels) moves the predictions by
+    the same amount: the bundled model on the real sample brain."""
     from LandmarkDetectionLib.resources import bundled_model_path
     from LandmarkDetectionLib.geometry import move_image, physical_center_ras, rigid_matrix
     from LandmarkDetectionLib.preprocess import prepare

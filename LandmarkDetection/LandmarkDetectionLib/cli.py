@@ -88,7 +88,7 @@ def _floats(text):
 
 
 def _add_uncertainty(parser, default_passes=0):
-    """``default_passes`` None: the model decides (detect.default_passes)."""
+    """``default_passes`` None: the model decides (detect.uncertainty_passes)."""
     default_text = ("default: the model's calibrated passes if it fuses with its registration prior, else 0"
                     if default_passes is None else f"default: {default_passes}")
     parser.add_argument("--uncertainty", type=_passes, nargs="?", const=50, default=default_passes, metavar="N",
@@ -104,11 +104,11 @@ def _add_uncertainty(parser, default_passes=0):
 
 
 def _uncertainty_options(args, model=None):
-    from .detect import UncertaintyOptions, default_passes
+    from .detect import UncertaintyOptions, uncertainty_passes
 
     if not 0 < args.level < 1:
         raise ValueError(f"--level {args.level}: expected a probability between 0 and 1")
-    passes = default_passes(model) if args.uncertainty is None else args.uncertainty
+    passes = args.uncertainty if model is None else uncertainty_passes(model, args.uncertainty)
     return UncertaintyOptions(passes, args.shift_mm, args.level, args.flag_mm, args.seed)
 
 

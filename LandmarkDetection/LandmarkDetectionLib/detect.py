@@ -163,9 +163,12 @@ def write_detection(model: LandmarkModel, detection: Detection, output_dir: Path
     return paths
 
 
-def default_passes(model: LandmarkModel) -> int:
-    """Uncertainty passes when none are asked for: a model that fuses its network with its registration
-    prior needs them to fuse (the count it was calibrated with); any other model runs without."""
+def uncertainty_passes(model: LandmarkModel, asked: int | None = None) -> int:
+    """The uncertainty passes to run: those ``asked`` for, else what the model needs. A model that fuses
+    its network with its registration prior needs them to fuse (the count it was calibrated with); any
+    other model runs without."""
+    if asked is not None:
+        return asked
     if model.prior_covariance is None:
         return 0
     return int((model.metrics.get("calibration") or {}).get("passes", UncertaintyOptions.passes))
@@ -178,7 +181,7 @@ def calibration_mismatch(model: LandmarkModel, options: UncertaintyOptions) -> s
     fitted = model.metrics.get("calibration") or {}
     if options.passes <= 0 and model.prior_covariance is not None:
         return (f"without uncertainty passes this model gives its network's estimate alone, not fused with its "
-                f"registration prior (pass --uncertainty {fitted.get('passes', 50)})")
+                f"registration prior (pass --uncertainty {uncertainty_passes(model)})")
     if options.passes <= 0 or not fitted.get("passes"):
         return None
     asked = {"passes": options.passes, "shift_mm": options.shift_mm}

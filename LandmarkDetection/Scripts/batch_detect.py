@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run(argv=None) -> int:
     from LandmarkDetectionLib.data import input_volumes
-    from LandmarkDetectionLib.detect import (UncertaintyOptions, calibration_mismatch, default_passes, detect_many,
-                                             detection_summary)
+    from LandmarkDetectionLib.detect import (UncertaintyOptions, calibration_mismatch, detect_many, detection_summary,
+                                             uncertainty_passes)
     from LandmarkDetectionLib.errors import LandmarkError
     from LandmarkDetectionLib.fileio import check_writable_dir
     from LandmarkDetectionLib.modelfile import load_model
@@ -47,7 +47,7 @@ def run(argv=None) -> int:
     except (LandmarkError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    options = UncertaintyOptions(passes=default_passes(model) if args.uncertainty is None else args.uncertainty)
+    options = UncertaintyOptions(passes=uncertainty_passes(model, args.uncertainty))
     mismatch = calibration_mismatch(model, options)
     if mismatch is not None:
         print(f"warning: {mismatch}", flush=True)
