@@ -217,11 +217,13 @@ def test_model_metadata(change):
 
 
 @pytest.mark.parametrize("option,value", [("size", [100000, 100000, 100000]), ("spacing", [float("nan"), 1, 1]),
-                                          ("spacing", [-2, 2, 2]), ("channels", [10**9, 12, 8])])
+                                          ("spacing", [-2, 2, 2]), ("channels", [10**9, 12, 8]),
+                                          ("test_time_mirror", "false")])
 def test_absurd_model_configuration_is_refused_before_allocating(option, value):
     metadata = dict(MODEL_HEADER["__metadata__"])
     config = json.loads(metadata["config"])
-    (config["geometry"] if option in ("size", "spacing") else config["network"])[option] = value
+    section = {"size": config["geometry"], "spacing": config["geometry"], "test_time_mirror": config}
+    section.get(option, config["network"])[option] = value
     path = WORK / f"absurd-{option}.safetensors"
     path.write_bytes(_model_with_metadata({**metadata, "config": json.dumps(config)}))
     with pytest.raises(LandmarkError, match="metadata is damaged"):

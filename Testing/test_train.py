@@ -202,6 +202,7 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     assert np.allclose(model.prior, read_landmarks(tiny_dataset / f"{first}.mrk.json", model.schema), atol=1e-4)
     assert model.config.geometry.center_ras is not None and all(n % 16 == 0 for n in model.config.geometry.size)
     assert "reference" in read_header(best).metadata
+    assert model.config.test_time_mirror  # trained on left-right flips about its grid's centre
     detection = detect_path(model, tiny_dataset / "case03.nii.gz", "cpu")
     assert detection.alignment is not None and detection.landmarks_ras.shape == (32, 3)
     assert detection.alignment.similarity > 0.15  # the same template: clearly a head, clearly aligned
@@ -227,6 +228,11 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     cases = discover_cases(shifted)
     options4 = UncertaintyOptions(passes=4)
     result = calibrate(model, cases, "cpu", options4)
+    # Trained on flips, the model was run with and without its mirror image, and keeps it only if it helped.
+    choice = result.mirror
+    assert choice["network_mre_mm"] != choice["without_mre_mm"]  # both were run
+    assert choice["used"] == model.config.test_time_mirror == (choice["network_mre_mm"] < choice["without_mre_mm"])
+    assert model.metrics["calibration"]["test_time_mirror"] == choice
     offsets = []
     for case in cases:
         alignment = detect_path(model, case.image, "cpu").alignment

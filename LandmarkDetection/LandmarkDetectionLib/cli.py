@@ -419,12 +419,8 @@ def cmd_calibrate(args) -> int:
     model = load_model(args.model, device)
     result = calibrate(model, cases, device, _uncertainty_options(args), Progress(args.progress))
     model.save(args.output)
-    print(f"covariance scale {result.scale:.3f} fitted on {result.cases} case(s): {result.coverage_before * 100:.0f}% "
-          f"of truths inside the {args.level * 100:.0f}% ellipsoids before, {result.coverage_after * 100:.0f}% after; "
-          f"calibrated model: {args.output}")
-    if result.prior_sd_mm is not None:
-        print(f"registration prior: {result.prior_sd_mm:.2f} mm SD per axis; MRE on these cases {result.network_mre_mm:.2f} "
-              f"mm (network) -> {result.fused_mre_mm:.2f} mm (fused), coverage {result.fused_coverage * 100:.0f}%")
+    print("\n".join(result.report()))
+    print(f"calibrated model: {args.output}")
     return 0
 
 

@@ -40,16 +40,20 @@ class ModelConfig:
     # With a registration prior: the network's scaled covariance weighs it against the prior, and this
     # factor, also fitted by `calibrate`, recalibrates the fused ellipsoids.
     fused_scale: float = 1.0
+    # The network was trained on heads mirrored left-right about its grid's centre plane, their left and
+    # right landmarks swapped (synth.py): detection then also reads the mirrored input (detect.py).
+    test_time_mirror: bool = False
 
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, "network": self.network, "geometry": self.geometry.to_dict(),
-                "sigma_mm": self.sigma_mm, "uncertainty_scale": self.uncertainty_scale, "fused_scale": self.fused_scale}
+                "sigma_mm": self.sigma_mm, "uncertainty_scale": self.uncertainty_scale, "fused_scale": self.fused_scale,
+                "test_time_mirror": self.test_time_mirror}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         return cls(data["architecture"], dict(data.get("network", {})), InputGeometry.from_dict(data["geometry"]),
                    float(data.get("sigma_mm", 3.0)), float(data.get("uncertainty_scale", 1.0)),
-                   float(data.get("fused_scale", 1.0)))
+                   float(data.get("fused_scale", 1.0)), data.get("test_time_mirror", False))
 
 
 @dataclass
@@ -132,6 +136,8 @@ def check_config(config: ModelConfig) -> None:
                         ("fused_scale", config.fused_scale)):
         if not (np.isfinite(value) and 0 < value <= 1e6):
             raise ValueError(f"{name} {value}")
+    if not isinstance(config.test_time_mirror, bool):
+        raise ValueError(f"test_time_mirror {config.test_time_mirror!r} (expected true or false)")
     defaults = architecture_class(config.architecture).default_options
     for name, value in config.network.items():
         if name not in defaults:

@@ -139,9 +139,6 @@ def calibrate_bundled_model(work: Path, best: Path, device: str = "auto", progre
     model.metrics["calibration"]["dataset"] = "synthetic scans of the training template (recipes.calibration_set)"
     model.training["dataset"] = Path(model.training.get("dataset", "")).name  # no local folders in a model file
     model.save(work / "model.safetensors")
-    print(f"uncertainty calibrated on {result.cases} synthetic scans: scale {result.scale:.3f}, coverage "
-          f"{result.coverage_before * 100:.0f}% -> {result.coverage_after * 100:.0f}%")
-    if result.prior_sd_mm is not None:
-        print(f"registration prior {result.prior_sd_mm:.2f} mm SD per axis; MRE {result.network_mre_mm:.2f} mm (network) "
-              f"-> {result.fused_mre_mm:.2f} mm (fused), coverage {result.fused_coverage * 100:.0f}%")
+    print(f"uncertainty calibrated on {result.cases} synthetic scans of the training template")
+    print("\n".join(result.report()))
     return work / "model.safetensors"

@@ -603,6 +603,7 @@ def _synthesis_setup(options: TrainOptions, schema, splits, source: LandmarkMode
     # The reference's landmarks: where the alignment alone puts each landmark (the registration prior,
     # whose spread ``calibrate`` measures).
     model = LandmarkModel.create(options.model_config(geometry), schema, reference, region, prior)
+    model.config.test_time_mirror = synthesis.flip_probability > 0  # flipped about the grid's centre
     mirror = schema.mirror_indices()
     train_set = SynthesisDataset(train_sources, geometry, mirror, synthesis, options.seed, options.samples_per_epoch)
     val_set = SynthesisDataset(val_sources, geometry, mirror, synthesis, options.seed + 1_000_003,
