@@ -270,3 +270,29 @@ def test_qa_figures_bad_input_is_one_line_and_writes_nothing(schema, tmp_path, c
         assert err[0].startswith("error: ") and path in err[0] and problem in err[0], err
     assert sorted(tmp_path.rglob("*")) == before  # no figure, CSV or empty folder left behind
     assert (tmp_path / "old" / "qa_overview.png").read_text() == "keep"
+
+
+def test_scatter_labels_never_overlap_and_the_worst_landmarks_get_theirs():
+    """The uncertainty-vs-error figure's labels: a dense cluster cannot hold every name; those drawn never
+    overlap each other or the legend, stay inside the axes, and the outliers drawn first keep theirs."""
+    from LandmarkDetectionLib.figures import place_labels, plt
+
+    rng = np.random.default_rng(3)
+    xs = np.concatenate([[7.5, 6.0], 4.0 + rng.normal(0, 0.3, 30)])
+    ys = np.concatenate([[3.0, 2.0], 1.0 + rng.normal(0, 0.3, 30)])
+    names = ["SIPF", "LSAMTH", *(f"L{n:02d}XYZ" for n in range(30))]
+    figure, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter(xs, ys)
+    ax.plot([0, 8], [0, 8], label="error = semi-axis")
+    ax.legend()
+    figure.tight_layout()
+    drawn = place_labels(ax, xs, ys, names)
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in drawn]
+    frame, legend = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
+    assert [text.get_text() for text in drawn[:2]] == ["SIPF", "LSAMTH"]
+    assert 5 < len(drawn) < len(names)  # the cluster is labelled in part
+    for n, box in enumerate(boxes):
+        assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) and not box.overlaps(legend)
+        assert not any(box.overlaps(other) for other in boxes[n + 1:])
+    plt.close(figure)

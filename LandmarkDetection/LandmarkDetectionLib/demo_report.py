@@ -181,7 +181,8 @@ longest semi-axis exceeds {flag_mm:g} mm); grey levels: the scan's intensity, co
 through yellow to white (the maximum), colour bar beside the figure;
 {swatch('#00a0a0', '+')} the detected landmark.</li>
 <li><b>Error bars</b>: colour is the sub-anatomy: {subs}.</li>
-<li><b>Uncertainty vs error</b>: one dot per landmark, labelled with its short name (full names in the table below);
+<li><b>Uncertainty vs error</b>: one dot per landmark, labelled with its short name where there is room, the largest errors
+first (every landmark, with its full name, is in the table below);
 grey dashes: error equal to the semi-axis; red dashes: the flag threshold.</li>
 <li><b>Names</b>: figures and tables give each landmark's full name with its short name in brackets.</li></ul>"""
 

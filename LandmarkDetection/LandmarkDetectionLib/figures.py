@@ -131,8 +131,6 @@ def uncertainty_scatter(errors, semi_axes, level: float, path, labels=None, flag
     keep = np.isfinite(errors) & np.isfinite(semi_axes)
     figure, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.scatter(semi_axes[keep], errors[keep], s=14, alpha=0.7)
-    for name, x, y in zip(labels or (), semi_axes, errors):
-        ax.annotate(name, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     limit = max(float(semi_axes[keep].max(initial=1.0)), float(errors[keep].max(initial=1.0))) * 1.05
     ax.plot([0, limit], [0, limit], color="gray", lw=0.8, ls="--", label="error = semi-axis")
     if flag_mm is not None:
@@ -147,7 +145,38 @@ def uncertainty_scatter(errors, semi_axes, level: float, path, labels=None, flag
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     figure.tight_layout()
+    if labels is not None:
+        # The worst landmarks first (largest error, then largest uncertainty): in a dense cluster the
+        # labels that would overlap one already drawn are left out (the report's table lists every one).
+        order = [n for n in np.lexsort((-semi_axes, -errors)) if keep[n]]
+        place_labels(ax, semi_axes[order], errors[order], [labels[n] for n in order])
     save(figure, path)
+
+
+LABEL_OFFSETS = ((3, 2, "left", "bottom"), (3, -2, "left", "top"), (-3, 2, "right", "bottom"), (-3, -2, "right", "top"))
+
+
+def place_labels(ax, xs, ys, labels, fontsize: float = 6) -> list:
+    """Label the points in the order given, each at the first of four corners beside its dot where it
+    overlaps no label already drawn (nor the legend) and stays inside the axes; a label with no free corner
+    is left out. Returns the drawn texts. (Hand-written: a greedy pass is all a few dozen labels need, where
+    adjustText would move them all.)"""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    drawn = []
+    for name, x, y in zip(labels, xs, ys):
+        for dx, dy, ha, va in LABEL_OFFSETS:
+            text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                               ha=ha, va=va)
+            box = text.get_window_extent(renderer).padded(1)
+            if frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) and \
+                    not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                drawn.append(text)
+                break
+            text.remove()
+    return drawn
 
 
 # ------------------------------------------------------------------------------ annotation QA figures
