@@ -18,7 +18,7 @@ from LandmarkDetectionLib.cli import main
 from LandmarkDetectionLib.detect import model_input
 from LandmarkDetectionLib.errors import LandmarkError
 from LandmarkDetectionLib.geometry import Grid
-from LandmarkDetectionLib.gradcam import compute_gradcam, focus_metrics
+from LandmarkDetectionLib.gradcam import compute_gradcam, focus_metrics, format_focus_table
 from LandmarkDetectionLib.fileio import read_volume, write_markups_json, write_volume
 from LandmarkDetectionLib.metrics import SDR_THRESHOLDS_MM
 from LandmarkDetectionLib.modelfile import load_model
@@ -73,6 +73,17 @@ def test_cam_concentrates_near_the_landmark_on_a_trained_model(blob_task):
     concentrated = [r["mass_within_r"] > 3 * r["volume_within_r"] for r in rows]
     assert sum(concentrated) >= 2, rows  # most landmarks
     assert np.median([r["com_distance_mm"] for r in rows]) < 30.0
+
+    # A map with no positive evidence (Grad-CAM's ReLU left nothing) has no centre: the printed table says
+    # so in words, explains it once, and averages the centres that exist.
+    result.cams[0] = 0.0
+    rows = focus_metrics(result, radius_mm=10.0)
+    lines = format_focus_table(model.schema, [rows]).splitlines()
+    first = model.schema.landmarks[result.landmarks[0]].name
+    assert np.isnan(rows[0]["com_distance_mm"]) and lines[1].startswith(first) and lines[1].endswith("empty")
+    assert "empty" not in "".join(lines[2:-2]) and lines[-1].startswith("empty: no positive evidence")
+    mean = float(lines[-2].split()[-1])
+    assert mean == pytest.approx(np.mean([r["com_distance_mm"] for r in rows[1:]]), abs=0.05)
 
 
 def test_randomised_weights_change_the_cam(blob_task):

@@ -283,10 +283,18 @@ def format_focus_table(schema, tables: list[list[dict]]) -> str:
     """The printed focus table: CAM mass near the landmark and centre-of-mass distance, per model."""
     labels = "AB"[: len(tables)]
     lines = [f"{'':<28}" + "".join(f"{'mass<r ' + label:>12}{'COM mm ' + label:>12}" for label in labels)]
+
+    def centre(row):  # an empty map (no positive evidence) has no centre of mass
+        return f"{'empty':>12}" if np.isnan(row["com_distance_mm"]) else f"{row['com_distance_mm']:>12.1f}"
+
     for n, row in enumerate(tables[0]):
-        cells = "".join(f"{rows[n]['mass_within_r']:>12.3f}{rows[n]['com_distance_mm']:>12.1f}" for rows in tables)
+        cells = "".join(f"{rows[n]['mass_within_r']:>12.3f}{centre(rows[n])}" for rows in tables)
         lines.append(f"{schema.landmarks[row['landmark']].name[:27]:<28}{cells}")
+    distances = [[r["com_distance_mm"] for r in rows if not np.isnan(r["com_distance_mm"])] for rows in tables]
     means = "".join(f"{np.mean([r['mass_within_r'] for r in rows]):>12.3f}"
-                    f"{np.nanmean([r['com_distance_mm'] for r in rows]):>12.1f}" for rows in tables)
+                    f"{np.mean(d) if d else float('nan'):>12.1f}" for rows, d in zip(tables, distances))
     lines.append(f"{'mean':<28}{means}")
+    if any(np.isnan(r["com_distance_mm"]) for rows in tables for r in rows):
+        lines.append("empty: no positive evidence at this layer (Grad-CAM keeps only what raises the landmark's "
+                     "heatmap peak); --target coordinate shows what moves the landmark either way")
     return "\n".join(lines)
