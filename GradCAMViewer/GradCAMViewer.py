@@ -196,9 +196,14 @@ class GradCAMViewerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showCurrent()
 
     def showCurrent(self, recentre: bool = True) -> None:
+        from GradCAMViewerLib import EMPTY_MAP_NOTE
+
         name = self.currentLandmark()
         if name and self._parameterNode is not None:
             self.logic.show(self._parameterNode, name, recentre)
+            empty = self.logic.emptyMaps(self._parameterNode, name)
+            if empty:
+                self.ui.statusLabel.text = f"{name}: the map of {' and '.join(empty)} is empty: {EMPTY_MAP_NOTE}"
 
     def onExportScreenshot(self) -> None:
         path = qt.QFileDialog.getSaveFileName(None, "Save screenshot", "gradcam.png", "PNG (*.png)")
@@ -320,6 +325,14 @@ class GradCAMViewerLogic(ScriptedLoadableModuleLogic):
             display = rendering.GetFirstVolumeRenderingDisplayNode(nodes[0]) or \
                 rendering.CreateDefaultVolumeRenderingNodes(nodes[0])
             display.SetVisibility(True)
+
+    def emptyMaps(self, parameters, landmark: str) -> list[str]:
+        """The model labels whose cached map of ``landmark`` holds no positive evidence."""
+        from GradCAMViewerLib import has_evidence
+
+        labels = self.modelLabels(parameters)
+        nodes = [self.cache.get(label, landmark) for label in labels]
+        return [label for label, node in zip(labels, nodes) if node is not None and not has_evidence(node)]
 
     def exportVolumes(self, folder: Path) -> list[Path]:
         paths = []

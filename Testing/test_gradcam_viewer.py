@@ -54,6 +54,10 @@ def test_overlay_threshold_and_landmark_marker(mrml_scene, cam_output):
     top = float(sitk.GetArrayFromImage(mrml.volume_to_image(node)).max())  # a copy: the image is a temporary
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.25 * top, rel=1e-5)
     assert node.GetAttribute("GradCAMViewer.Opacity") == "0.400"
+    # A map Grad-CAM left without positive evidence is told apart (the module then says so in words).
+    empty = sitk.Image(mrml.volume_to_image(node))
+    empty *= 0
+    assert viewer.has_evidence(node) and not viewer.has_evidence(mrml.image_to_volume(mrml_scene, empty, "empty"))
     marker = viewer.landmark_marker(mrml_scene, "AC", [1.0, 2.0, 3.0])
     again = viewer.landmark_marker(mrml_scene, "PC", [4.0, 5.0, 6.0])
     assert marker is again and marker.GetNumberOfControlPoints() == 1 and marker.GetNthControlPointLabel(0) == "PC"

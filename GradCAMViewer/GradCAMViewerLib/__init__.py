@@ -60,6 +60,16 @@ class CamCache:
         return added
 
 
+def has_evidence(node) -> bool:
+    """Whether a Grad-CAM map holds any positive value: Grad-CAM keeps only what raises the landmark's
+    heatmap peak, so a network that finds a landmark by what it is not can leave its map empty."""
+    return float(sitk.GetArrayViewFromImage(mrml.volume_to_image(node)).max()) > 0
+
+
+EMPTY_MAP_NOTE = ("no positive evidence at this layer (Grad-CAM keeps only what raises the landmark's heatmap "
+                  "peak); 'landmark-detection gradcam --target coordinate' shows what moves it either way")
+
+
 def configure_overlay(node, opacity: float, threshold: float) -> None:
     """Show values above ``threshold`` (a fraction of the map's maximum) in the node's colour map."""
     display = node.GetDisplayNode()
