@@ -63,7 +63,8 @@ class CamCache:
 def has_evidence(node) -> bool:
     """Whether a Grad-CAM map holds any positive value: Grad-CAM keeps only what raises the landmark's
     heatmap peak, so a network that finds a landmark by what it is not can leave its map empty."""
-    return float(sitk.GetArrayViewFromImage(mrml.volume_to_image(node)).max()) > 0
+    values = mrml.volume_to_image(node)  # kept alive: an array view of a temporary image reads freed memory
+    return float(sitk.GetArrayViewFromImage(values).max()) > 0
 
 
 EMPTY_MAP_NOTE = ("no positive evidence at this layer (Grad-CAM keeps only what raises the landmark's heatmap "
