@@ -104,3 +104,14 @@ def test_truncated_and_foreign_model_files_are_refused(tmp_path, afids32):
 def test_model_refuses_another_schema(afids32, brain88):
     with pytest.raises(LandmarkError, match="model detects schema 'afids-32'"):
         tiny_model(afids32).check_schema(brain88, "data.csv")
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_a_true_or_false_network_option_holds_a_boolean(value, afids32):
+    """locnet's input_statistics is true or false in a model file; anything else is damaged metadata."""
+    from LandmarkDetectionLib.modelfile import ModelConfig, check_config
+
+    geometry = InputGeometry((24, 28, 24), (3.0, 3.0, 3.0))
+    check_config(ModelConfig("locnet", {"input_statistics": True}, geometry))
+    with pytest.raises(ValueError, match=r"input_statistics = .* \(expected true or false\)"):
+        check_config(ModelConfig("locnet", {"input_statistics": value}, geometry))

@@ -142,6 +142,10 @@ def check_config(config: ModelConfig) -> None:
     for name, value in config.network.items():
         if name not in defaults:
             raise ValueError(f"unknown {config.architecture} option {name!r}")
+        if isinstance(defaults[name], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{config.architecture} option {name} = {value!r} (expected true or false)")
+            continue
         values = value if isinstance(value, (list, tuple)) else [value]
         default = defaults[name][0] if isinstance(defaults[name], (list, tuple)) else defaults[name]
         minimum = 1 if isinstance(default, int) else 0  # counts (channels, voxels, blocks) are at least 1

@@ -93,6 +93,7 @@ class TrainOptions:
     scales_mm: tuple[float, ...] = (4.0, 2.0, 1.0)  # locnet
     patch_sizes: tuple[int, ...] = (24, 16)  # locnet
     train_patch_landmarks: int = 0  # locnet: landmarks whose patches train per step (0: all)
+    input_statistics: bool = True  # locnet: batch norm by the input's own statistics at inference too
     size: tuple[int, int, int] = (224, 224, 101)
     spacing: tuple[float, float, float] = (1.0, 1.0, 2.2)
     epochs: int = 100
@@ -619,7 +620,9 @@ def _check_source(source: LandmarkModel, options: TrainOptions, schema) -> None:
     geometry = source.config.geometry
     compared = [("schema landmarks", schema.names, source.schema.names),
                 ("architecture", options.architecture, source.config.architecture),
-                ("network options", options.model_config().network, source.config.network),
+                # an option the source's file predates is the run's (it is new to the fine-tuned model)
+                ("network options", options.model_config().network,
+                 {**options.model_config().network, **source.config.network}),
                 ("input spacing", [float(s) for s in options.spacing], list(geometry.spacing)),
                 ("aligns scans first", bool(options.synthesis), aligns)]
     if not aligns:
