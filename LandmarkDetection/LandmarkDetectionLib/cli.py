@@ -83,6 +83,12 @@ def _ints(text):
     return tuple(int(v) for v in text.split(","))
 
 
+def _on_off(text):
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
+    return text == "on"
+
+
 def _floats(text):
     return tuple(float(v) for v in text.split(","))
 
@@ -148,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-patch-landmarks", type=int,
                    help="locnet: train the patch stages on this many random landmarks per step, for large "
                         "schemas (0: all) (default: 0)")
+    p.add_argument("--input-statistics", type=_on_off, metavar="on|off",
+                   help="locnet: batch normalisation by the input's own statistics at inference too, as in "
+                        "training; off: torch's running averages (default: on)")
     p.add_argument("--size", type=_triple(int), help="input grid voxels i,j,k (default: 224,224,101)")
     p.add_argument("--spacing", type=_triple(float), help="input grid spacing mm (default: 1,1,2.2)")
     p.add_argument("--epochs", type=int, help="epochs to train, at least 1; with --resume a larger value "
