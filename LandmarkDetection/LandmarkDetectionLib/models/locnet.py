@@ -20,7 +20,7 @@ scan's landmark patches (a patch stage), and is normalised by its own statistics
 (synth.py) no two scans share their intensities, so the running averages torch keeps for inference describe
 no real input; a model with ``input_statistics`` normalises at inference as in training, by the statistics
 of the input it is given (the scan; its patches, one uncertainty pass at a time). With the same weights
-this took the bundled AFIDs network from 2.61 to 2.24 mm on its calibration scans, and from 2.09 to 1.29 mm
+this took the earlier bundled AFIDs network from 2.61 to 2.24 mm on its calibration scans, and from 2.09 to 1.29 mm
 on the training template at a new head position. Model files written before the option existed use the
 running averages they were calibrated with.
 """
