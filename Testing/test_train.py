@@ -41,7 +41,7 @@ def _env():
 
 def _weights(path):
     with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("model/")}
+        return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(("model/", "ema/"))}
 
 
 def _parameters(model_path):
@@ -105,7 +105,7 @@ def test_early_stopping(tiny_dataset, tmp_path, capsys):
 def test_resume_after_a_kill_continues_exactly(tiny_dataset, tmp_path):
     """Killed at the worst moment (its next log row written, the checkpoint write cut short), a run resumed
     with nothing but --output --resume ends with the weights, log rows and files of an uninterrupted run."""
-    settings = {**TINY_TRAIN, "epochs": 5, "seed": 7}
+    settings = {**TINY_TRAIN, "epochs": 5, "seed": 7, "ema_decay": 0.9}
     cli_settings = _cli_args({k: v for k, v in settings.items() if k != "progress"})
     def command_for(output):
         return _train_command("--dataset", tiny_dataset, "--output", output, *cli_settings)
@@ -137,6 +137,33 @@ def test_resume_after_a_kill_continues_exactly(tiny_dataset, tmp_path):
         assert torch.allclose(straight[key], again[key], atol=1e-6), key
     assert _log(killed) == _log(tmp_path / "straight")
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "straight").iterdir())
+
+
+def test_ema_weights_are_validated_saved_and_resumed(tiny_dataset, tmp_path):
+    """--ema-decay: the saved model is the moving average of the weights, not the last step's weights,
+    and a --resume carries the average on (the checkpoint stores it)."""
+    options = TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "run"), **{**TINY_TRAIN, "epochs": 1},
+                           ema_decay=0.9)
+    best = train(options)
+    checkpoint = tmp_path / "run" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    saved = load_model(best).network.state_dict()
+    for name, value in saved.items():
+        if value.is_floating_point():
+            assert torch.equal(value, tensors[f"ema/module.{name}"]), name
+    # The average lags the last step: at least one trained parameter differs from the live weights.
+    assert any(not torch.equal(tensors[f"ema/module.{n}"], tensors[f"model/{n}"])
+               for n, _ in load_model(best).network.named_parameters())
+    steps = len(json.loads((tmp_path / "run" / "splits.json").read_text())["train"])  # batch size 1
+    assert int(tensors["ema/n_averaged"]) == steps  # one update per step
+    assert load_model(best).training["ema_decay"] == 0.9
+
+    train(TrainOptions(**{**options.__dict__, "epochs": 2, "resume": True}))
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert int(handle.get_tensor("ema/n_averaged")) == 2 * steps  # continued, not restarted
+    with pytest.raises(LandmarkError, match="changed options: ema_decay"):
+        train(TrainOptions(**{**options.__dict__, "epochs": 3, "ema_decay": 0.5, "resume": True}))
 
 
 def test_a_busy_output_folder_is_refused_and_a_killed_run_leaves_it_free(tiny_dataset, tmp_path, capsys):
@@ -194,9 +221,10 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     options = TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "run"), epochs=1, schema="afids-32",
                            architecture="locnet", channels=(4, 4, 4), scales_mm=(12.0, 6.0, 6.0), patch_sizes=(6, 6),
                            spacing=(6.0, 6.0, 6.0), lr=3e-3, sigma_mm=12.0, val_fraction=0.2, progress="none",
-                           synthesis="default", samples_per_epoch=3)
+                           synthesis="default", samples_per_epoch=3, val_samples=2)
     best = train(options)
     model = load_model(best)
+    assert 0 < model.metrics["validation"]["n"] <= 2 * 32  # --val-samples fixed synthetic scans (default 8)
     assert model.reference is not None and model.region is not None
     first = json.loads((tmp_path / "run" / "splits.json").read_text())["train"][0]  # the reference case
     assert np.allclose(model.prior, read_landmarks(tiny_dataset / f"{first}.mrk.json", model.schema), atol=1e-4)

@@ -21,7 +21,8 @@ FORMAT = "LandmarkDetectionLib.checkpoint"
 FIXED_ON_RESUME = ("schema", "architecture", "channels", "blocks_per_stage", "dropout", "scales_mm", "patch_sizes",
                    "train_patch_landmarks",
                    "size", "spacing", "loss", "alpha", "sigma_mm", "lr", "schedule", "batch_size", "seed", "val_fraction",
-                   "test_fraction", "augment", "synthesis", "samples_per_epoch", "init_from", "recipe")
+                   "test_fraction", "augment", "synthesis", "samples_per_epoch", "val_samples", "ema_decay", "init_from",
+                   "recipe")
 # Options of one invocation, never stored: where and how this process runs.
 NOT_STORED = ("output", "resume", "progress", "device")
 
@@ -35,9 +36,13 @@ def options_record(options) -> dict:
     return {key: (list(v) if isinstance(v, tuple) else v) for key, v in record.items() if key not in NOT_STORED}
 
 
-def save_checkpoint(path, options, network, optimizer, scheduler, state, dataset_fingerprint: str) -> None:
-    """Weights, optimizer moments and RNG state as tensors; everything else as JSON. No pickle."""
+def save_checkpoint(path, options, network, optimizer, scheduler, state, dataset_fingerprint: str,
+                    ema=None) -> None:
+    """Weights (and their moving average, ``ema``), optimizer moments and RNG state as tensors; everything
+    else as JSON. No pickle."""
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema/{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     optimizer_state = optimizer.state_dict()
     scalars = {}
     for index, param_state in optimizer_state["state"].items():
@@ -83,10 +88,13 @@ def check_resume(path, saved: dict, options, dataset_fingerprint: str) -> None:
                                              "or landmark files); --resume needs the same data")
 
 
-def load_checkpoint(path, network, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG state; returns the loop state."""
+def load_checkpoint(path, network, optimizer, scheduler, ema=None) -> dict:
+    """Restore weights, optimizer, scheduler, RNG state and the weights' moving average (when ``ema`` is
+    given); returns the loop state."""
     metadata, tensors = _open(path, tensors=True)
     try:
+        if ema is not None:
+            ema.load_state_dict({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
         return _restore(metadata, tensors, network, optimizer, scheduler)
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as error:  # a damaged or foreign state
         first = " ".join(str(error).split())[:200]

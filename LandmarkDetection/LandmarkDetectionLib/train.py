@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -55,6 +56,7 @@ import filelock
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import check_resume, load_checkpoint, read_checkpoint, save_checkpoint
 from .data import LandmarkDataset, discover_cases, split_cases
@@ -115,6 +117,10 @@ class TrainOptions:
     # cases in a reference frame; the model carries the reference and aligns every scan to it first.
     synthesis: str = ""  # "" = off, "default", or a synthesis JSON file
     samples_per_epoch: int = 100  # with synthesis
+    val_samples: int = 0  # with synthesis: fixed synthetic validation samples (0: 8, or 4 per validation case)
+    # > 0: validate and save an exponential moving average of the weights, updated every step with this
+    # decay (torch.optim.swa_utils); it smooths the step-to-step noise of a constant learning rate.
+    ema_decay: float = 0.0
     init_from: str = ""  # fine-tune: start from this model's weights and (aligning models) reference frame
     recipe: str = ""  # the recipes.RECIPES entry whose options a command-line run took as defaults (recorded)
     resume: bool = False
@@ -240,15 +246,17 @@ def _check_values(values: dict) -> None:
         raise LandmarkError(None, f"--loss {values['loss']}: expected one of {', '.join(LOSSES)}")
     if values.get("schedule", "plateau") not in SCHEDULES:
         raise LandmarkError(None, f"--schedule {values['schedule']}: expected one of {', '.join(SCHEDULES)}")
-    for name in ("epochs", "batch_size", "patience", "samples_per_epoch"):
-        if values.get(name, 1) < 1:
-            raise LandmarkError(None, f"--{name.replace('_', '-')} {values[name]}: expected at least 1")
+    for name in ("epochs", "batch_size", "patience", "samples_per_epoch", "val_samples"):
+        if values.get(name, 1) < (0 if name == "val_samples" else 1):
+            raise LandmarkError(None, f"--{name.replace('_', '-')} {values[name]}: expected at least "
+                                      f"{0 if name == 'val_samples' else 1}")
     if values.get("train_patch_landmarks", 0) < 0:
         raise LandmarkError(None, f"--train-patch-landmarks {values['train_patch_landmarks']}: expected 0 or more")
     if values.get("train_patch_landmarks", 0) and values.get("architecture", TrainOptions.architecture) != "locnet":
         raise LandmarkError(None, "--train-patch-landmarks applies to the locnet architecture only")
     bounds = {"lr": (0, 1), "alpha": (0, 1), "sigma_mm": (0.1, 100), "val_fraction": (0, 0.9),
-              "test_fraction": (0, 0.9), "workers": (0, 64), "dropout": (0, 0.9), "blocks_per_stage": (1, 16)}
+              "test_fraction": (0, 0.9), "workers": (0, 64), "dropout": (0, 0.9), "blocks_per_stage": (1, 16),
+              "ema_decay": (0, 0.9999)}
     for name, (low, high) in bounds.items():
         value = values.get(name, low)
         if not (math.isfinite(value) and low <= value <= high):
@@ -298,6 +306,12 @@ class _Run:
     state: dict
     progress: Progress
     writer: object = None
+    ema: object = None  # torch.optim.swa_utils.AveragedModel of the network, with --ema-decay
+
+    @property
+    def evaluated(self) -> LandmarkModel:
+        """The model that is validated and saved: the network's moving average with --ema-decay."""
+        return self.model if self.ema is None else dataclasses.replace(self.model, network=self.ema.module)
 
 
 def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Path:
@@ -329,7 +343,7 @@ def _train(options: TrainOptions, rank: int, local_rank: int, world: int) -> Pat
     for epoch in range(run.state["epoch"] + 1, options.epochs):
         started = time.monotonic()
         train_loss = _train_epoch(run, epoch)
-        val = _validate(run.model, run.val_set, run.device) if run.main else {}
+        val = _validate(run.evaluated, run.val_set, run.device) if run.main else {}
         _end_epoch(run, epoch, train_loss, val, started)
         if run.state["finished"]:
             break
@@ -469,9 +483,12 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
+    ema = None
+    if options.ema_decay:
+        ema = AveragedModel(model.network, multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay), use_buffers=True)
     state = {"epoch": -1, "best_mre": math.inf, "best_epoch": -1, "stale_epochs": 0, "finished": False}
     if options.resume:
-        state = load_checkpoint(output / CHECKPOINT, model.network, optimizer, scheduler)
+        state = load_checkpoint(output / CHECKPOINT, model.network, optimizer, scheduler, ema)
         state["finished"] = False  # _already_finished said there is more to do under these options
         _replan_cosine(scheduler, optimizer, options.epochs)
     if main:
@@ -481,7 +498,7 @@ def _setup(options: TrainOptions, rank: int, local_rank: int, world: int, output
     writer = _tensorboard(output / "tensorboard", purge_step=state["epoch"] + 2) if main else None
     return _Run(options, output, device, world, main, splits, fingerprint, model, network, train_set, val_set,
                 sampler, loader, optimizer, scheduler, scaler, amp_dtype, use_amp, state,
-                Progress(options.progress, enabled=main), writer)
+                Progress(options.progress, enabled=main), writer, ema)
 
 
 SCHEDULES = ("plateau", "cosine")
@@ -527,6 +544,8 @@ def _train_epoch(run: _Run, epoch: int) -> float:
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
+        if run.ema is not None:
+            run.ema.update_parameters(model.network)
         losses.append(float(loss.detach()))
         run.progress.update(step, loss=losses[-1], metric=None if math.isinf(best) else best, epoch=epoch + 1)
     return _mean_across_ranks(float(np.mean(losses)), device, run.world)
@@ -550,7 +569,7 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: flo
     if improved:
         run.model.training = _training_summary(options, run.splits, epoch)
         run.model.metrics = {"validation": val, "best_epoch": epoch + 1}
-        run.model.save(run.output / BEST_MODEL)
+        run.evaluated.save(run.output / BEST_MODEL)
     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_mre_mm": val_mre,
            "val_sdr_2mm": val.get("sdr_2mm"), "val_sdr_4mm": val.get("sdr_4mm"),
            "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(time.monotonic() - started, 3)}
@@ -561,7 +580,7 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, val: dict, started: flo
                 run.writer.add_scalar(key, value, epoch + 1)
         run.writer.flush()
     save_checkpoint(run.output / CHECKPOINT, options, run.model.network, run.optimizer, run.scheduler, state,
-                    run.fingerprint)
+                    run.fingerprint, run.ema)
     run.progress.message(f"epoch {epoch + 1}: loss {train_loss:.4g}, validation MRE {val_mre:.3f} mm"
                          + (" (best)" if improved else ""))
 
@@ -608,7 +627,7 @@ def _synthesis_setup(options: TrainOptions, schema, splits, source: LandmarkMode
     mirror = schema.mirror_indices()
     train_set = SynthesisDataset(train_sources, geometry, mirror, synthesis, options.seed, options.samples_per_epoch)
     val_set = SynthesisDataset(val_sources, geometry, mirror, synthesis, options.seed + 1_000_003,
-                               max(8, 4 * len(val_sources)), cache=True)
+                               options.val_samples or max(8, 4 * len(val_sources)), cache=True)
     return model, train_set, val_set
 
 
@@ -686,6 +705,7 @@ def _training_summary(options: TrainOptions, splits, epoch: int) -> dict:
                "epochs_trained": epoch + 1, "loss": options.loss, "alpha": options.alpha, "lr": options.lr,
                "schedule": options.schedule, "init_from": Path(options.init_from).name or None,
                "batch_size": options.batch_size, "seed": options.seed, "augment": options.augment or None,
+               "ema_decay": options.ema_decay or None,
                "torch": torch.__version__}
     if options.recipe:
         summary["recipe"] = options.recipe
