@@ -25,7 +25,7 @@ def cam_output(tiny_dataset, tmp_path_factory):
     return folder / "out", read_volume(tiny_dataset / "case02.nii.gz")
 
 
-def test_cache_loads_both_models_and_switching_reuses_nodes(mrml_scene, cam_output):
+def test_cache_loads_both_models_and_switching_reuses_nodes(mrml_scene, cam_output, tmp_path):
     out, image = cam_output
     cache = viewer.CamCache(mrml_scene)
     labels, names = ["A", "B"], ["AC", "ROSF"]
@@ -43,6 +43,19 @@ def test_cache_loads_both_models_and_switching_reuses_nodes(mrml_scene, cam_outp
     assert mrml_scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 4
     table = cache.focus_tables["case02"]
     assert table.GetNumberOfRows() == 2 and table.GetCellText(0, 0) == "AC"
+
+    # An empty map has no centre (NaN in the CSV): the table says "empty" there, not "nan".
+    focus = next(out.glob("case02*_gradcam_focus.csv"))
+    lines = focus.read_text().splitlines()
+    header = lines[0].split(",")
+    column = next(n for n, name in enumerate(header) if name.startswith("com_distance_mm"))
+    cells = lines[1].split(",")
+    cells[column] = "nan"
+    emptied = tmp_path / "focus.csv"
+    emptied.write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    table = viewer.focus_table(mrml_scene, emptied)
+    assert table.GetCellText(0, column) == "empty"
+    assert float(table.GetCellText(1, column)) == pytest.approx(float(lines[2].split(",")[column]), abs=1e-6)
 
 
 def test_overlay_threshold_and_landmark_marker(mrml_scene, cam_output):

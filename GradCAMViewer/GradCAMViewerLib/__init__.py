@@ -97,17 +97,21 @@ def landmark_marker(scene, name: str, ras, folder=None):
 
 
 def focus_table(scene, csv_path: Path, folder=None):
-    """The focus metrics CSV of the gradcam command as a table node."""
+    """The focus metrics CSV of the gradcam command as a table node. A column with an empty map's missing
+    centre (NaN in the CSV) shows the word "empty" there, as the command's printed table does."""
     import vtk
 
     rows = list(csv.DictReader(Path(csv_path).open(encoding="utf-8")))
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "Grad-CAM focus")
     for column_name in rows[0].keys():
         numeric = column_name not in ("landmark", "sub_anatomy") and not column_name.startswith("max_overlap_with")
+        values = [float(row[column_name]) if numeric else row[column_name] for row in rows]
+        if numeric and any(np.isnan(values)):
+            numeric, values = False, ["empty" if np.isnan(v) else row[column_name] for v, row in zip(values, rows)]
         column = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
         column.SetName(column_name)
-        for row in rows:
-            column.InsertNextValue(float(row[column_name]) if numeric else row[column_name])
+        for value in values:
+            column.InsertNextValue(value)
         table.AddColumn(column)
     if folder is not None:
         mrml.place(scene, table, folder)
