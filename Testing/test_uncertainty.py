@@ -144,12 +144,14 @@ def test_highres_mc_dropout_equals_explicit_channel_dropout(afids32):
         assert torch.allclose(samples[n], expected, atol=1e-5)
 
 
+TINY_LOCNET = {**TINY_TRAIN, "architecture": "locnet", "channels": (4, 4, 4), "scales_mm": (16.0, 8.0, 4.0),
+               "patch_sizes": (8, 8), "size": (24, 28, 24), "spacing": (8.0, 8.0, 8.0)}
+
+
 @pytest.fixture(scope="module")
 def tiny_locnet(tiny_dataset, tmp_path_factory):
-    options = {**TINY_TRAIN, "architecture": "locnet", "channels": (4, 4, 4), "scales_mm": (16.0, 8.0, 4.0),
-               "patch_sizes": (8, 8), "size": (24, 28, 24), "spacing": (8.0, 8.0, 8.0)}
     return train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path_factory.mktemp("locnet")), epochs=2,
-                              **options))
+                              **TINY_LOCNET))
 
 
 def test_detect_with_uncertainty_writes_ellipsoids_and_evaluate_scores_them(tiny_locnet, tiny_dataset, tmp_path,
@@ -199,6 +201,45 @@ def test_calibrate_writes_a_new_model_whose_ellipsoids_are_scaled(tiny_locnet, t
     assert np.allclose(scaled.covariance, scale * plain.covariance)
     assert main(["calibrate", "--model", str(tiny_locnet), "--dataset", str(tiny_dataset), "--output",
                  str(tiny_locnet), "--progress", "none"]) == 2
+
+
+def test_calibrate_switches_input_statistics_on_the_same_weights(tiny_locnet, tiny_dataset, tmp_path, capsys):
+    """--input-statistics off|on: the same tensors with the other batch normalisation at inference, then
+    calibrated; a network without the option is refused with the file named and nothing written."""
+    from LandmarkDetectionLib.detect import predict
+    from LandmarkDetectionLib.fileio import read_volume
+    from LandmarkDetectionLib.preprocess import prepare
+
+    legacy = train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "legacy"), epochs=2,
+                                **{**TINY_LOCNET, "input_statistics": False}))
+    switched = tmp_path / "switched.safetensors"
+    assert main(["calibrate", "--model", str(legacy), "--dataset", str(tiny_dataset), "--output", str(switched),
+                 "--input-statistics", "on", "--uncertainty", "8", "--progress", "none"]) == 0
+    before, after = load_model(legacy), load_model(switched)
+    assert not before.config.network["input_statistics"] and after.config.network["input_statistics"]
+    assert before.network.state_dict().keys() == after.network.state_dict().keys()
+    for name, value in before.network.state_dict().items():
+        assert torch.equal(value, after.network.state_dict()[name]), name
+    array, _ = prepare(read_volume(tiny_dataset / "case00.nii.gz"), before.config.geometry)
+    image = torch.from_numpy(array)[None, None].float()
+    # the scan's own statistics instead of running averages: another normalisation, other landmarks
+    assert not torch.allclose(predict(before, image, "cpu"), predict(after, image, "cpu"))
+
+    # Passes that do not spread (no shift) cannot be calibrated: refused, nothing written.
+    capsys.readouterr()
+    unusable = tmp_path / "unusable.safetensors"
+    assert main(["calibrate", "--model", str(legacy), "--dataset", str(tiny_dataset), "--output", str(unusable),
+                 "--shift-mm", "0", "--uncertainty", "4", "--progress", "none"]) == 2
+    error = capsys.readouterr().err
+    assert f"{legacy}: cannot be calibrated on {tiny_dataset}" in error and "nothing written" in error
+    assert not unusable.exists()
+
+    capsys.readouterr()
+    highres = train(TrainOptions(dataset=str(tiny_dataset), output=str(tmp_path / "highres"), epochs=1, **TINY_TRAIN))
+    assert main(["calibrate", "--model", str(highres), "--dataset", str(tiny_dataset), "--output",
+                 str(tmp_path / "no.safetensors"), "--input-statistics", "on", "--progress", "none"]) == 2
+    assert f"{highres}: --input-statistics applies to locnet models" in capsys.readouterr().err
+    assert not (tmp_path / "no.safetensors").exists()
 
 
 def test_test_time_mirror_makes_detection_left_right_symmetric(sample):

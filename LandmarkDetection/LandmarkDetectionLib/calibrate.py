@@ -74,8 +74,9 @@ def calibrate(model: LandmarkModel, cases: list[Case], device, options: Uncertai
     distances = np.concatenate([d.uncertainty.mahalanobis_squared(t) for d, t in zip(detections, truths)])
     scale = fit_scale(distances, options.level)
     threshold = chi2.ppf(options.level, 3)
-    result = Calibration(scale, float((distances <= threshold).mean()), float((distances / scale <= threshold).mean()),
-                         len(cases), level=options.level)
+    with np.errstate(divide="ignore", invalid="ignore"):  # passes without spread: no scale (the caller refuses)
+        after = float((distances / scale <= threshold).mean())
+    result = Calibration(scale, float((distances <= threshold).mean()), after, len(cases), level=options.level)
     model.config.uncertainty_scale = scale
     model.metrics["calibration"] = {"scale": scale, "level": options.level, "cases": len(cases),
                                     "passes": options.passes, "shift_mm": options.shift_mm,

@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="validation cases (folder or manifest) the model did not train on")
     p.add_argument("--output", required=True, help="the calibrated model file to write (never the input model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--input-statistics", type=_on_off, metavar="on|off",
+                   help="locnet: switch batch normalisation at inference to the input's own statistics (on) or "
+                        "running averages (off) before calibrating, e.g. for a model trained before the option "
+                        "existed (default: as the model is)")
     _add_uncertainty(p, default_passes=50)
     _add_common(p)
 
@@ -423,7 +427,7 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .data import discover_cases
     from .fileio import check_outputs
-    from .modelfile import load_model
+    from .modelfile import check_config, load_model, set_input_statistics
     from .runtime import Progress, pick_device
 
     cases = discover_cases(args.dataset)
@@ -431,7 +435,15 @@ def cmd_calibrate(args) -> int:
     check_outputs([args.output], inputs, args.overwrite)
     device = pick_device(args.device)
     model = load_model(args.model, device)
+    if args.input_statistics is not None:
+        set_input_statistics(model, args.input_statistics, args.model)
     result = calibrate(model, cases, device, _uncertainty_options(args), Progress(args.progress))
+    try:  # the bounds load_model holds a file to: never write a model that cannot be read back
+        check_config(model.config)
+    except ValueError as error:
+        raise LandmarkError(args.model, f"cannot be calibrated on {args.dataset}: the fitted {error} is out of "
+                                        "bounds (the passes barely spread, or the network's spread is far smaller "
+                                        "than its errors there); nothing written") from None
     model.save(args.output)
     print("\n".join(result.report()))
     print(f"calibrated model: {args.output}")

@@ -155,6 +155,21 @@ def check_config(config: ModelConfig) -> None:
             raise ValueError(f"{config.architecture} option {name} = {value!r}")
 
 
+def set_input_statistics(model: LandmarkModel, on: bool, path) -> None:
+    """Switch a locnet model's batch normalisation at inference between the input's own statistics and
+    torch's running averages (models/locnet.py): the same tensors in another norm layer. For a model
+    trained before the option existed; its uncertainty must be calibrated again afterwards."""
+    if model.config.architecture != "locnet":
+        raise LandmarkError(path, f"--input-statistics applies to locnet models; this is a "
+                                  f"{model.config.architecture} model")
+    state = model.network.state_dict()
+    device = next(model.network.parameters()).device
+    model.config.network["input_statistics"] = on
+    model.network = build_network(model.config.architecture, len(model.schema), model.config.geometry,
+                                  **model.config.network).to(device)
+    model.network.load_state_dict(state, strict=True)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LandmarkModel:
     path = Path(path)
     metadata = read_header(path).metadata
