@@ -181,11 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(synthetic appearance and anatomy in the first case's frame; "
                                        "the model aligns every scan to it) (default: none)")
     p.add_argument("--samples-per-epoch", type=int, help="with --synthesis: samples per epoch (default: 100)")
-    p.add_argument("--val-samples", type=int, help="with --synthesis: fixed synthetic validation samples "
-                                                   "(default: 0, meaning 8 or 4 per validation case)")
+    p.add_argument("--val-samples", type=int, help="with --synthesis: fixed synthetic validation samples; 0: 8, "
+                                                   "or 4 per validation case (default: 0)")
     p.add_argument("--ema-decay", type=float,
                    help="validate and save an exponential moving average of the weights, updated every step "
-                        "with this decay, e.g. 0.995 (default: 0, off)")
+                        "with this decay, e.g. 0.995; 0: off (default: 0.0)")
     p.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from this model's weights (same schema; "
                                                         "the model's architecture, network options, input grid and "
                                                         "reference frame are the run's defaults) (default: none)")
