@@ -374,6 +374,8 @@ def test_epochs_below_one_and_data_without_usable_landmarks_are_errors(tiny_data
 
     assert train_cli(tiny_dataset, "--epochs", "0") == "error: --epochs 0: expected at least 1"
     assert train_cli(tiny_dataset, "--epochs", "-3") == "error: --epochs -3: expected at least 1"
+    assert train_cli(tiny_dataset, "--val-samples", "-1") == "error: --val-samples -1: expected 0 or more"
+    assert train_cli(tiny_dataset, "--ema-decay", "1.5") == "error: --ema-decay 1.5: expected 0 to 0.9999"
     empty = tmp_path / "unannotated"
     shutil.copytree(tiny_dataset, empty)
     for path in empty.glob("*.mrk.json"):  # every landmark marked missing

@@ -246,12 +246,12 @@ def _check_values(values: dict) -> None:
         raise LandmarkError(None, f"--loss {values['loss']}: expected one of {', '.join(LOSSES)}")
     if values.get("schedule", "plateau") not in SCHEDULES:
         raise LandmarkError(None, f"--schedule {values['schedule']}: expected one of {', '.join(SCHEDULES)}")
-    for name in ("epochs", "batch_size", "patience", "samples_per_epoch", "val_samples"):
-        if values.get(name, 1) < (0 if name == "val_samples" else 1):
-            raise LandmarkError(None, f"--{name.replace('_', '-')} {values[name]}: expected at least "
-                                      f"{0 if name == 'val_samples' else 1}")
-    if values.get("train_patch_landmarks", 0) < 0:
-        raise LandmarkError(None, f"--train-patch-landmarks {values['train_patch_landmarks']}: expected 0 or more")
+    for name in ("epochs", "batch_size", "patience", "samples_per_epoch"):
+        if values.get(name, 1) < 1:
+            raise LandmarkError(None, f"--{name.replace('_', '-')} {values[name]}: expected at least 1")
+    for name in ("train_patch_landmarks", "val_samples"):
+        if values.get(name, 0) < 0:
+            raise LandmarkError(None, f"--{name.replace('_', '-')} {values[name]}: expected 0 or more")
     if values.get("train_patch_landmarks", 0) and values.get("architecture", TrainOptions.architecture) != "locnet":
         raise LandmarkError(None, "--train-patch-landmarks applies to the locnet architecture only")
     bounds = {"lr": (0, 1), "alpha": (0, 1), "sigma_mm": (0.1, 100), "val_fraction": (0, 0.9),
