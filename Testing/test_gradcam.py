@@ -188,9 +188,10 @@ def test_the_default_maps_concentrate_near_the_detected_landmarks(bundled):
     landmark's, or the crop's corner) is off by some 10 mm; an uninformative one spreads evenly.
     Grad-CAM keeps only positive evidence (its ReLU): a network may find a landmark mostly by what it is
     not, and then that landmark's map is faint or empty and lies wherever the little evidence is (an
-    earlier bundled AFIDs network left its LIGO map empty on this scan). So all 32 maps are judged together: nine in ten centre within 2 sigma (6 mm: still clearly nearer than
-    a wrong crop's 10 mm; the 32-epoch network's faint ICS, SIPF, RSAMTH and RVOH maps centre 4.7-6.7 mm
-    away), and the median one within sigma."""
+    earlier bundled AFIDs network left its LIGO map empty on this scan). So all 32 maps are judged
+    together: nine in ten centre within 2 sigma (6 mm: still clearly nearer than a wrong crop's 10 mm; the
+    32-epoch network's faint ICS, SIPF, RSAMTH and RVOH maps centre 4.7-6.7 mm away), and the median one
+    within sigma."""
     model, image = bundled
     result = compute_gradcam(model, image)
     sigma = 3.0
