@@ -218,11 +218,13 @@ def test_model_metadata(change):
 
 @pytest.mark.parametrize("option,value", [("size", [100000, 100000, 100000]), ("spacing", [float("nan"), 1, 1]),
                                           ("spacing", [-2, 2, 2]), ("channels", [10**9, 12, 8]),
-                                          ("test_time_mirror", "false")])
+                                          ("test_time_mirror", "false"), ("rater_spread", "yes"),
+                                          ("innovation_reference", -1.0), ("innovation_reference", float("inf"))])
 def test_absurd_model_configuration_is_refused_before_allocating(option, value):
     metadata = dict(MODEL_HEADER["__metadata__"])
     config = json.loads(metadata["config"])
-    section = {"size": config["geometry"], "spacing": config["geometry"], "test_time_mirror": config}
+    section = {"size": config["geometry"], "spacing": config["geometry"], "test_time_mirror": config,
+               "rater_spread": config, "innovation_reference": config}
     section.get(option, config["network"])[option] = value
     path = WORK / f"absurd-{option}.safetensors"
     path.write_bytes(_model_with_metadata({**metadata, "config": json.dumps(config)}))

@@ -1,9 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 
 from LandmarkDetectionLib.errors import LandmarkError
-from LandmarkDetectionLib.schema import builtin_schemas, load_schema
+from LandmarkDetectionLib.schema import builtin_schemas, load_schema, schema_from_dict
 
 PAPER_RANGES = {"Frontal Lobe": (1, 5), "Brain Stem": (6, 13), "Brain Boundary MSP": (14, 24),
                 "Corpus Callosum": (25, 37), "Eye": (38, 45), "Brain Axial Boundary": (46, 55),
@@ -71,6 +72,9 @@ def test_user_schema_loads(tmp_path):
     (lambda d: d["landmarks"][2].update(between=["p1", "s1"]), "primary points"),
     (lambda d: d["sub_anatomies"][0].update(plane="diagonal"), "plane"),
     (lambda d: d["landmarks"][0].update(role="tertiary"), "role"),
+    (lambda d: d["landmarks"][0].update(rater_sd_mm=-0.5), "rater_sd_mm"),
+    (lambda d: d["landmarks"][0].update(rater_sd_mm="wide"), "rater_sd_mm"),
+    (lambda d: d["landmarks"][0].update(rater_sd_mm=True), "rater_sd_mm"),
 ])
 def test_bad_user_schema_is_refused_with_the_file_named(tmp_path, change, message):
     data = _valid()
@@ -84,3 +88,19 @@ def test_bad_user_schema_is_refused_with_the_file_named(tmp_path, change, messag
 def test_unknown_schema_name():
     with pytest.raises(LandmarkError, match="no such schema"):
         load_schema("brain-99")
+
+
+def test_afids_carries_the_raters_spread_and_a_user_schema_may_set_it(tmp_path):
+    """afids-32: every landmark's rater spread from the AFIDs multi-rater study (AC 0.25 mm per axis, the
+    inferior AM-temporal horns the widest); brain-88 has no such study (0). A user schema's value survives
+    the round trip through a model file's copy (to_dict)."""
+    afids = load_schema("afids-32")
+    spread = {lm.name: lm.rater_sd_mm for lm in afids.landmarks}
+    assert spread["AC"] == 0.25 and max(spread, key=spread.get) == "RIAMTH"
+    assert all(0.2 <= v <= 1.0 for v in spread.values())
+    assert not load_schema("brain-88").rater_covariance().any()
+    data = _valid()
+    data["landmarks"][0]["rater_sd_mm"] = 0.8
+    schema = load_schema(_write(tmp_path, data))
+    assert np.allclose(schema.rater_covariance()[0], 0.64 * np.eye(3)) and not schema.rater_covariance()[1].any()
+    assert schema_from_dict(schema.to_dict()).landmarks[0].rater_sd_mm == 0.8

@@ -244,7 +244,7 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     from LandmarkDetectionLib.detect import (UncertaintyOptions, detect_volume, model_input, registration_prior,
                                              sample_passes)
     from LandmarkDetectionLib.fileio import read_volume
-    from LandmarkDetectionLib.uncertainty import fuse
+    from LandmarkDetectionLib.uncertainty import fuse, innovation, innovation_inflation
 
     # Cases whose truths sit a known few mm away from the template's landmarks, so that the prior's
     # spread is the shifts', not the alignment's last digits (which vary with the thread count).
@@ -287,9 +287,14 @@ def test_generalising_recipe_trains_a_model_that_aligns_scans_first(tiny_dataset
     loaded.prior_covariance = None
     network = sample_passes(loaded, prepared, "cpu", options4)
     mean, covariance = fuse(network.mean, network.covariance, *prior)
+    # Widened by how much more the two disagree than on a typical calibration case (never narrowed).
+    assert loaded.config.innovation_reference == model.metrics["calibration"]["innovation_reference"] > 0
+    inflation = innovation_inflation(innovation(network.mean, network.covariance, *prior),
+                                     loaded.config.innovation_reference)
+    assert fused.inflation == pytest.approx(inflation) and inflation >= 1
     # (the disagreement term weighs a near-zero network spread against the prior: a relative tolerance)
-    assert np.allclose(fused.mean, mean) and np.allclose(fused.covariance, covariance * loaded.config.fused_scale,
-                                                         rtol=1e-3, atol=1e-6)
+    assert np.allclose(fused.mean, mean) and np.allclose(
+        fused.covariance, covariance * loaded.config.fused_scale * inflation, rtol=1e-3, atol=1e-6)
     # Detecting the volume is the same, to the alignment's last digits (its optimiser is multi-threaded).
     loaded.prior_covariance = with_prior
     detected = detect_volume(loaded, image, "cpu", "c", options4).uncertainty

@@ -12,7 +12,8 @@ from LandmarkDetectionLib.cli import main
 from LandmarkDetectionLib.modelfile import LandmarkModel, ModelConfig, load_model
 from LandmarkDetectionLib.preprocess import InputGeometry
 from LandmarkDetectionLib.train import TrainOptions, train
-from LandmarkDetectionLib.uncertainty import fuse, ellipsoid, fit_scale, summarize_samples
+from LandmarkDetectionLib.uncertainty import (fuse, ellipsoid, fit_scale, innovation, innovation_inflation,
+                                             summarize_samples)
 from conftest import TINY_TRAIN
 
 SIGMA = np.array([[4.0, 1.2, -0.5], [1.2, 2.0, 0.3], [-0.5, 0.3, 1.0]])
@@ -127,6 +128,51 @@ def test_fusion_weighs_two_estimates_by_their_precision():
     assert np.allclose(mean, a, atol=1e-4)
 
 
+def test_innovation_measures_disagreement_against_the_stated_spreads():
+    """Per landmark d^T (C_a + C_b)^-1 d, its median over landmarks; where both spreads are right, that is
+    chi-square(3)'s median. The inflation is its ratio to the calibration scans' median, never below 1."""
+    zeros = np.zeros((3, 3))
+    apart = np.diag([2.0, 4.0, 6.0])  # three landmarks 2, 4 and 6 mm from their counterparts
+    halves = np.repeat(np.eye(3)[None] * 2, 3, axis=0)  # C_a + C_b = 4 I: terms 1, 4, 9
+    assert innovation(zeros, halves, apart, halves) == pytest.approx(4.0)
+    rng = np.random.default_rng(0)
+    count = 4001
+    differences = rng.multivariate_normal(np.zeros(3), 2 * SIGMA, count)
+    spreads = np.repeat(SIGMA[None], count, axis=0)
+    assert innovation(differences, spreads, np.zeros((count, 3)), spreads) == pytest.approx(chi2.median(3), rel=0.06)
+    assert innovation_inflation(4.0, 2.0) == 2.0
+    assert innovation_inflation(1.0, 2.0) == 1.0  # agreeing better than usual never shrinks the ellipsoids
+    assert innovation_inflation(4.0, None) == 1.0  # a model calibrated before the inflation existed
+
+
+def test_calibration_on_exact_truths_adds_the_raters_spread(tiny_locnet, tiny_dataset):
+    """Calibrated on exact truths (synthetic scans of an annotated template), the ellipsoids detection
+    reports add each landmark's rater spread from the schema, and the calibration reports what they cover;
+    calibrated on people's annotations (``calibrate`` on a dataset), they do not."""
+    from LandmarkDetectionLib.calibrate import calibrate
+    from LandmarkDetectionLib.data import discover_cases, read_case
+    from LandmarkDetectionLib.detect import UncertaintyOptions, detect_volume
+
+    model, cases, options = load_model(tiny_locnet), discover_cases(tiny_dataset), UncertaintyOptions(passes=8, seed=0)
+    assert model.schema.rater_covariance()[0, 0, 0] == pytest.approx(0.25 ** 2)  # AC: 0.25 mm per axis
+    result = calibrate(model, cases, "cpu", options, exact_truths=True)
+    assert model.config.rater_spread and model.metrics["calibration"]["exact_truths"]
+    inside = []
+    for case in cases:
+        image, truth = read_case(case, model.schema)
+        reported = detect_volume(model, image, "cpu", case.name, options).uncertainty
+        inside.append(reported.covers(truth))
+        model.config.rater_spread = False
+        fitted = detect_volume(model, image, "cpu", case.name, options).uncertainty
+        model.config.rater_spread = True
+        assert np.allclose(reported.covariance - fitted.covariance, model.schema.rater_covariance())
+    assert result.rater_coverage == pytest.approx(np.concatenate(inside).mean())
+    assert result.rater_coverage >= result.coverage_after  # wider ellipsoids only hold more truths
+    assert "rater spread" in "\n".join(result.report())
+    calibrate(model, cases, "cpu", options)
+    assert not model.config.rater_spread and "exact_truths" not in model.metrics["calibration"]
+
+
 def test_highres_mc_dropout_equals_explicit_channel_dropout(afids32):
     from LandmarkDetectionLib.heatmaps import soft_argmax, spatial_softmax
 
@@ -190,6 +236,7 @@ def test_calibrate_writes_a_new_model_whose_ellipsoids_are_scaled(tiny_locnet, t
     model = load_model(calibrated)
     scale = model.config.uncertainty_scale
     assert scale > 0 and model.metrics["calibration"]["cases"] == 6
+    assert not model.config.rater_spread  # people's annotations already hold the raters' spread
     assert load_model(tiny_locnet).config.uncertainty_scale == 1.0  # the input model is untouched
     from LandmarkDetectionLib.fileio import read_volume
     from LandmarkDetectionLib.detect import UncertaintyOptions, detect_volume

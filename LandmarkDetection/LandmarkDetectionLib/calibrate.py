@@ -10,10 +10,10 @@ import numpy as np
 from scipy.stats import chi2
 
 from .data import Case, read_case
-from .detect import UncertaintyOptions, detect_volume, registration_prior
+from .detect import UncertaintyOptions, detect_volume, registration_prior, reported_uncertainty
 from .modelfile import LandmarkModel
 from .runtime import Progress
-from .uncertainty import Uncertainty, fit_scale, fuse
+from .uncertainty import Uncertainty, fit_scale, fuse, innovation, innovation_inflation
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Calibration:
     fused_coverage: float | None = None
     mirror: dict | None = None  # models with test_time_mirror: the network's MRE with and without, and the choice
     level: float = 0.9
+    rater_coverage: float | None = None  # exact truths: coverage once the schema's rater spread is added
 
     def report(self) -> list[str]:
         """What the calibration found, in lines for people."""
@@ -40,21 +41,29 @@ class Calibration:
             lines.append(f"registration prior: {self.prior_sd_mm:.2f} mm SD per axis; MRE on these cases "
                          f"{self.network_mre_mm:.2f} mm (network) -> {self.fused_mre_mm:.2f} mm (fused), coverage "
                          f"{self.fused_coverage * 100:.0f}%")
+        if self.rater_coverage is not None:
+            lines.append(f"these truths are exact, so detection adds the schema's rater spread to the ellipsoids: "
+                         f"{self.rater_coverage * 100:.0f}% of these truths inside then")
         return lines
 
 
 def calibrate(model: LandmarkModel, cases: list[Case], device, options: UncertaintyOptions,
-              progress: Progress | None = None) -> Calibration:
+              progress: Progress | None = None, exact_truths: bool = False) -> Calibration:
     """Fit ``model.config.uncertainty_scale`` on ``cases`` and record it in the model's metrics. For a
     model that carries its registration prior (the reference's landmarks), also measure how far the
     cases' landmarks lie from where the alignment alone puts them: ``model.prior_covariance``, which
     detection fuses with the network's estimate. Both describe the network and the prior separately, so
     each is fitted without the other. A model with ``test_time_mirror`` is run with and without the
     mirror image, and keeps it only if it makes the network more accurate on these cases (it did for the
-    AFIDs model, 2.92 -> 2.61 mm, not for the weaker brain-88 network, 5.70 -> 5.78 mm)."""
+    AFIDs model, 2.92 -> 2.61 mm, not for the weaker brain-88 network, 5.70 -> 5.78 mm).
+
+    ``exact_truths``: the cases' landmarks are exact (synthetic scans of an annotated template), not a
+    person's placements; the fitted ellipsoids then miss how far raters' placements stray, and detection
+    adds the schema's ``rater_sd_mm`` (``model.config.rater_spread``)."""
     if options.passes < 2:
         raise ValueError("--uncertainty must be at least 2 passes to calibrate")
     model.config.uncertainty_scale = model.config.fused_scale = 1.0
+    model.config.innovation_reference, model.config.rater_spread = None, False
     model.prior_covariance = None  # the network alone first
     progress = progress or Progress("none")
     mirror_choice = None
@@ -86,6 +95,10 @@ def calibrate(model: LandmarkModel, cases: list[Case], device, options: Uncertai
         model.metrics["calibration"]["test_time_mirror"] = result.mirror
     if model.prior is not None and all(d.alignment is not None for d in detections):
         _fit_prior(model, detections, truths, result, options.level)
+    if exact_truths:
+        model.config.rater_spread = True
+        result.rater_coverage = _rater_coverage(model, detections, truths, result, options.level)
+        model.metrics["calibration"].update(exact_truths=True, rater_coverage=result.rater_coverage)
     return result
 
 
@@ -107,20 +120,24 @@ def _network_mre(detections, truths) -> float:
 
 def _fit_prior(model: LandmarkModel, detections, truths, result: Calibration, level: float) -> None:
     """The prior's covariance: the second moment of (truth - prior) in the reference frame, pooled over
-    landmarks (a handful of cases cannot tell landmarks apart reliably). The fused ellipsoids then get
-    their own factor (``fused_scale``): the network's spread weighs it against the prior, but need not
-    describe the combination's error as well."""
+    landmarks (a handful of cases cannot tell landmarks apart reliably). Then how much the network and the
+    prior disagree on a typical case (``innovation_reference``, the median over cases), and the fused
+    ellipsoids' own factor (``fused_scale``), fitted with each case's innovation_inflation applied: the
+    network's spread weighs it against the prior, but need not describe the combination's error as well."""
     residuals = np.concatenate([d.alignment.to_reference(t) - model.prior for d, t in zip(detections, truths)])
     residuals = residuals[np.isfinite(residuals).all(1)]
     if len(residuals) < 3:
         return
     pooled = residuals.T @ residuals / len(residuals)
     model.prior_covariance = np.repeat(pooled[None], len(model.schema), axis=0)
+    networks = [Uncertainty(d.uncertainty.mean, d.uncertainty.covariance * result.scale, level) for d in detections]
+    priors = [registration_prior(model, d.alignment) for d in detections]
+    disagreements = [innovation(n.mean, n.covariance, *prior) for n, prior in zip(networks, priors)]
+    model.config.innovation_reference = float(np.median(disagreements))
     network_errors, fused_errors, distances = [], [], []
-    for detection, truth in zip(detections, truths):
-        network = detection.uncertainty
-        mean, covariance = fuse(network.mean, network.covariance * result.scale,
-                                *registration_prior(model, detection.alignment))
+    for network, prior, disagreement, truth in zip(networks, priors, disagreements, truths):
+        mean, covariance = fuse(network.mean, network.covariance, *prior)
+        covariance = covariance * innovation_inflation(disagreement, model.config.innovation_reference)
         known = np.isfinite(truth).all(1)
         network_errors.append(np.linalg.norm(network.mean - truth, axis=1)[known])
         fused_errors.append(np.linalg.norm(mean - truth, axis=1)[known])
@@ -133,4 +150,15 @@ def _fit_prior(model: LandmarkModel, detections, truths, result: Calibration, le
     result.fused_coverage = float((distances / model.config.fused_scale <= chi2.ppf(level, 3)).mean())
     model.metrics["calibration"].update(fused_scale=model.config.fused_scale, prior_sd_mm=result.prior_sd_mm,
                                         network_mre_mm=result.network_mre_mm, fused_mre_mm=result.fused_mre_mm,
-                                        fused_coverage=result.fused_coverage)
+                                        fused_coverage=result.fused_coverage,
+                                        innovation_reference=model.config.innovation_reference)
+
+
+def _rater_coverage(model: LandmarkModel, detections, truths, result: Calibration, level: float) -> float:
+    """The fraction of the cases' truths inside the ellipsoids detection reports (rater spread added)."""
+    inside = []
+    for detection, truth in zip(detections, truths):
+        network = Uncertainty(detection.uncertainty.mean, detection.uncertainty.covariance * result.scale, level)
+        known = np.isfinite(truth).all(1)
+        inside.append(reported_uncertainty(model, network, detection.alignment).covers(truth)[known])
+    return float(np.concatenate(inside).mean())

@@ -5,12 +5,14 @@ A model that carries a reference (align.py) first aligns the scan to it; the net
 in the reference frame, and its predictions map back into the scan exactly. With uncertainty, a model
 that also carries its registration prior (where the alignment puts each landmark, and how far real
 anatomy strays from there: ``calibrate``) fuses the two estimates by their precisions (uncertainty.fuse),
-so a landmark the network is unsure of leans on the registration, and one it is sure of does not.
+so a landmark the network is unsure of leans on the registration, and one it is sure of does not. A scan
+where the two disagree more than on the calibration scans gets wider ellipsoids (innovation_inflation), and
+a model calibrated on exact truths adds how far raters' placements stray (the schema's rater_sd_mm).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,7 +27,7 @@ from .fileio import (atomic_write_text, check_outputs, landmarks_csv_text, read_
                      written_together)
 from .modelfile import LandmarkModel
 from .preprocess import model_grid, normalize_intensity, resample_to_grid
-from .uncertainty import Uncertainty, fuse, summarize_samples, write_uncertainty
+from .uncertainty import Uncertainty, fuse, innovation, innovation_inflation, summarize_samples, write_uncertainty
 
 
 @dataclass
@@ -128,12 +130,26 @@ def sample_passes(model: LandmarkModel, prepared: ModelInput, device, options: U
         else:
             indices = network.sample_indices(x, options.passes, generator, options.shift_mm)
     samples = prepared.grid.to_ras(indices[:, 0].double().cpu().numpy())
-    result = summarize_samples(samples, options.level, model.config.uncertainty_scale)
-    prior = registration_prior(model, prepared.alignment)
-    if prior is None:
-        return result
-    mean, covariance = fuse(result.mean, result.covariance, *prior)
-    return Uncertainty(mean, covariance * model.config.fused_scale, options.level, samples)
+    return reported_uncertainty(model, summarize_samples(samples, options.level, model.config.uncertainty_scale),
+                                prepared.alignment)
+
+
+def reported_uncertainty(model: LandmarkModel, network: Uncertainty, alignment: Alignment | None) -> Uncertainty:
+    """What detection reports from the network's recalibrated spread: for a model with a registration
+    prior, the two fused (uncertainty.fuse), the ellipsoids recalibrated and widened where the two disagree
+    more than on the calibration scans (uncertainty.innovation_inflation); for a model calibrated on exact
+    truths, the schema's rater spread added."""
+    result = network
+    prior = registration_prior(model, alignment)
+    if prior is not None:
+        inflation = innovation_inflation(innovation(network.mean, network.covariance, *prior),
+                                         model.config.innovation_reference)
+        mean, covariance = fuse(network.mean, network.covariance, *prior)
+        result = Uncertainty(mean, covariance * model.config.fused_scale * inflation, network.level, network.samples,
+                             inflation)
+    if model.config.rater_spread:
+        result = replace(result, covariance=result.covariance + model.schema.rater_covariance())
+    return result
 
 
 def registration_prior(model: LandmarkModel, alignment: Alignment | None):

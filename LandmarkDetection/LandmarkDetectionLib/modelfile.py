@@ -43,17 +43,27 @@ class ModelConfig:
     # The network was trained on heads mirrored left-right about its grid's centre plane, their left and
     # right landmarks swapped (synth.py): detection then also reads the mirrored input (detect.py).
     test_time_mirror: bool = False
+    # With a registration prior: how much the network and the prior disagree on a typical calibration scan
+    # (uncertainty.innovation); a scan where they disagree more gets its ellipsoids widened by the ratio.
+    innovation_reference: float | None = None
+    # Calibrated on exact truths (synthetic scans of the annotated template): the fitted ellipsoids hold
+    # the network's error but not how far a rater's placement strays, so detection adds the schema's
+    # rater_sd_mm. Calibration on people's annotations already holds their spread.
+    rater_spread: bool = False
 
     def to_dict(self) -> dict:
         return {"architecture": self.architecture, "network": self.network, "geometry": self.geometry.to_dict(),
                 "sigma_mm": self.sigma_mm, "uncertainty_scale": self.uncertainty_scale, "fused_scale": self.fused_scale,
-                "test_time_mirror": self.test_time_mirror}
+                "test_time_mirror": self.test_time_mirror, "innovation_reference": self.innovation_reference,
+                "rater_spread": self.rater_spread}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        reference = data.get("innovation_reference")
         return cls(data["architecture"], dict(data.get("network", {})), InputGeometry.from_dict(data["geometry"]),
                    float(data.get("sigma_mm", 3.0)), float(data.get("uncertainty_scale", 1.0)),
-                   float(data.get("fused_scale", 1.0)), data.get("test_time_mirror", False))
+                   float(data.get("fused_scale", 1.0)), data.get("test_time_mirror", False),
+                   None if reference is None else float(reference), data.get("rater_spread", False))
 
 
 @dataclass
@@ -136,8 +146,12 @@ def check_config(config: ModelConfig) -> None:
                         ("fused_scale", config.fused_scale)):
         if not (np.isfinite(value) and 0 < value <= 1e6):
             raise ValueError(f"{name} {value}")
-    if not isinstance(config.test_time_mirror, bool):
-        raise ValueError(f"test_time_mirror {config.test_time_mirror!r} (expected true or false)")
+    for name in ("test_time_mirror", "rater_spread"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} {getattr(config, name)!r} (expected true or false)")
+    reference = config.innovation_reference
+    if reference is not None and not (np.isfinite(reference) and 0 < reference <= 1e6):
+        raise ValueError(f"innovation_reference {reference}")
     defaults = architecture_class(config.architecture).default_options
     for name, value in config.network.items():
         if name not in defaults:

@@ -141,7 +141,8 @@ def calibrate_bundled_model(work: Path, best: Path, device: str = "auto", progre
     device = pick_device(device)
     model = load_model(best, device)
     cases = discover_cases(calibration_set(work / "calibration", schema_name=model.schema.name))
-    result = calibrate(model, cases, device, UncertaintyOptions(passes=50, seed=0), Progress(progress))
+    result = calibrate(model, cases, device, UncertaintyOptions(passes=50, seed=0), Progress(progress),
+                       exact_truths=True)  # synthetic scans: their landmarks are exact
     model.metrics["calibration"]["dataset"] = "synthetic scans of the training template (recipes.calibration_set)"
     model.training["dataset"] = Path(model.training.get("dataset", "")).name  # no local folders in a model file
     model.save(work / "model.safetensors")

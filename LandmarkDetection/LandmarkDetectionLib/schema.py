@@ -11,12 +11,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import LandmarkError
 from .resources import resources_dir
 
 DEFAULT_SCHEMA = "brain-88"
 PLANES = ("mid-sagittal", "sagittal", "axial", "coronal", "oblique")
 ROLES = ("primary", "secondary")
+MAX_RATER_SD_MM = 20.0
 _COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
@@ -45,6 +48,9 @@ class Landmark:
     fraction: float | None = None
     aliases: tuple[str, ...] = ()
     mirror: str | None = None  # the left-right counterpart (None: a midline landmark, its own mirror)
+    # How far trained raters place this landmark from their consensus: the SD per axis (mm) of a 3-D
+    # Gaussian. Ellipsoids calibrated on exact truths add it (calibrate.py); 0 where no study measured it.
+    rater_sd_mm: float = 0.0
 
 
 PLANE_KEYS = ("mid-sagittal", "axial", "ac", "pc", "anterior", "sub_anatomies", "note")
@@ -168,6 +174,10 @@ class Schema:
         relabelling a left-right flip of the head needs."""
         return [self.names.index(lm.mirror) if lm.mirror else i for i, lm in enumerate(self.landmarks)]
 
+    def rater_covariance(self) -> np.ndarray:
+        """(K, 3, 3) mm^2: each landmark's rater spread (``rater_sd_mm``) as an isotropic covariance."""
+        return np.array([lm.rater_sd_mm ** 2 for lm in self.landmarks])[:, None, None] * np.eye(3)
+
     def to_dict(self) -> dict:
         def landmark(lm: Landmark) -> dict:
             d = {"number": lm.number, "name": lm.name, "sub_anatomy": lm.sub_anatomy, "role": lm.role,
@@ -178,6 +188,8 @@ class Schema:
                 d["aliases"] = list(lm.aliases)
             if lm.mirror:
                 d["mirror"] = lm.mirror
+            if lm.rater_sd_mm:
+                d["rater_sd_mm"] = lm.rater_sd_mm
             return d
 
         def sub_anatomy(s: SubAnatomy) -> dict:
@@ -302,10 +314,13 @@ def _schema_from_dict(data: dict, source: str) -> Schema:
             fraction = 0.5 if fraction is None else float(fraction)
             if not 0.0 < fraction < 1.0:
                 fail(f"secondary landmark '{name}' has fraction {fraction}; expected between 0 and 1")
+        rater_sd = raw.get("rater_sd_mm", 0.0)
+        if isinstance(rater_sd, bool) or not isinstance(rater_sd, (int, float)) or not 0 <= rater_sd <= MAX_RATER_SD_MM:
+            fail(f"landmark '{name}' has rater_sd_mm {rater_sd!r}; expected a number of 0 to {MAX_RATER_SD_MM:g} mm")
         landmarks.append(Landmark(position, name, raw["sub_anatomy"], role, raw.get("definition", ""),
                                   tuple(between) if between else None, fraction,
                                   tuple(str(a) for a in raw.get("aliases", ())),
-                                  str(raw["mirror"]) if raw.get("mirror") else None))
+                                  str(raw["mirror"]) if raw.get("mirror") else None, float(rater_sd)))
 
     names = [lm.name for lm in landmarks]
     if len(set(n.lower() for n in names)) != len(names):
