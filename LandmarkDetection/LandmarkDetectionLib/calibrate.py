@@ -13,7 +13,7 @@ from .data import Case, read_case
 from .detect import UncertaintyOptions, detect_volume, registration_prior, reported_uncertainty
 from .modelfile import LandmarkModel
 from .runtime import Progress
-from .uncertainty import Uncertainty, fit_scale, fuse, innovation, innovation_inflation
+from .uncertainty import Uncertainty, fit_scale, innovation
 
 
 @dataclass
@@ -131,17 +131,16 @@ def _fit_prior(model: LandmarkModel, detections, truths, result: Calibration, le
     pooled = residuals.T @ residuals / len(residuals)
     model.prior_covariance = np.repeat(pooled[None], len(model.schema), axis=0)
     networks = [Uncertainty(d.uncertainty.mean, d.uncertainty.covariance * result.scale, level) for d in detections]
-    priors = [registration_prior(model, d.alignment) for d in detections]
-    disagreements = [innovation(n.mean, n.covariance, *prior) for n, prior in zip(networks, priors)]
+    disagreements = [innovation(n.mean, n.covariance, *registration_prior(model, d.alignment))
+                     for n, d in zip(networks, detections)]
     model.config.innovation_reference = float(np.median(disagreements))
     network_errors, fused_errors, distances = [], [], []
-    for network, prior, disagreement, truth in zip(networks, priors, disagreements, truths):
-        mean, covariance = fuse(network.mean, network.covariance, *prior)
-        covariance = covariance * innovation_inflation(disagreement, model.config.innovation_reference)
+    for network, detection, truth in zip(networks, detections, truths):
+        fused = reported_uncertainty(model, network, detection.alignment)  # fused_scale still 1 here
         known = np.isfinite(truth).all(1)
         network_errors.append(np.linalg.norm(network.mean - truth, axis=1)[known])
-        fused_errors.append(np.linalg.norm(mean - truth, axis=1)[known])
-        distances.append(Uncertainty(mean, covariance, level).mahalanobis_squared(truth)[known])
+        fused_errors.append(np.linalg.norm(fused.mean - truth, axis=1)[known])
+        distances.append(fused.mahalanobis_squared(truth)[known])
     distances = np.concatenate(distances)
     model.config.fused_scale = fit_scale(distances, level)
     result.prior_sd_mm = float(np.sqrt(np.trace(pooled) / 3))
